@@ -1,0 +1,207 @@
+"""Scripted baseline agents for ``MemSession-v0``.
+
+Every agent has ``act(observation, info) -> str`` and returns the JSON action for the role in
+``observation["role"]``. They read only the observation and the ``info`` the env returns with it
+(``facts``, ``candidates``, and on synthetic tasks the ``gold`` log), so they work unchanged in
+vector envs and after ``restore_state``.
+
+* :class:`OracleAgent`: writes the gold facts and gold operations (the upper bound).
+* :class:`NoMemoryAgent`: extracts nothing, stores nothing (the lower bound).
+* :class:`StoreTurnsAgent`: stores every raw turn (retrieval over the dialogue, like RAG).
+* :class:`AddOnlyAgent`: gold facts, but every fact is ADDed: never updates or deletes.
+* :class:`NoisyTeacher`: the oracle with a tunable rate of realistic mistakes; the warm-start
+  teacher of the tiny model.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import zlib
+from typing import Any
+
+import numpy as np
+
+from memenv.types import OP_ADD, OP_DELETE, OP_NOOP, OP_UPDATE
+
+__all__ = ["OracleAgent", "NoMemoryAgent", "StoreTurnsAgent", "AddOnlyAgent", "NoisyTeacher", "make_agent", "AGENTS"]
+
+EXTRACTOR, MANAGER = 0, 1
+_TURN_LINE = re.compile(r"^\[(D[^\]]*)\]\s*([^:]+):\s?(.*)$")
+
+
+def _facts_json(facts: list[dict]) -> str:
+    return json.dumps({"facts": facts}, ensure_ascii=False)
+
+
+def _ops_json(ops: list[dict]) -> str:
+    return json.dumps({"operations": ops}, ensure_ascii=False)
+
+
+def _require_gold(info: dict) -> dict:
+    gold = info.get("gold")
+    if gold is None:
+        raise ValueError("this agent needs the gold operation log, which only synthetic tasks provide")
+    return gold
+
+
+class NoMemoryAgent:
+    """Extracts no facts and performs no operations: the memory stays empty."""
+
+    name = "no-memory"
+
+    def act(self, observation: dict, info: dict) -> str:
+        return _facts_json([]) if observation["role"] == EXTRACTOR else _ops_json([])
+
+
+class StoreTurnsAgent:
+    """Stores every dialogue turn verbatim, as a retrieval-augmented baseline would."""
+
+    name = "store-turns"
+
+    def act(self, observation: dict, info: dict) -> str:
+        if observation["role"] == EXTRACTOR:
+            facts = []
+            for line in observation["text"].splitlines():
+                m = _TURN_LINE.match(line)
+                if m:
+                    facts.append({"speaker": m.group(2).strip(), "dia_id": m.group(1), "fact": m.group(3).strip()})
+            return _facts_json(facts)
+        ops = [
+            {"op": OP_ADD, "text": f["text"], "speaker": f["speaker"], "dia_id": f["dia_id"]}
+            for f in info.get("facts", [])
+            if f["text"].strip()
+        ]
+        return _ops_json(ops)
+
+
+class OracleAgent:
+    """Follows the gold operation log: the upper bound of the task.
+
+    The manager finds the memory a gold UPDATE/DELETE/NOOP targets among the candidates shown
+    (``info["gold"]["candidate_keys"]``); when retrieval did not surface it, an UPDATE becomes an
+    ADD and a DELETE or NOOP does nothing, as a perfect manager with the same view would do.
+    """
+
+    name = "oracle"
+
+    def act(self, observation: dict, info: dict) -> str:
+        gold = _require_gold(info)
+        if observation["role"] == EXTRACTOR:
+            return _facts_json(self.extract(gold["facts"]))
+        return _ops_json(self.manage(info.get("facts", []), gold))
+
+    # The two halves are separate so the noisy teacher can corrupt each.
+    def extract(self, gold_facts: list[dict]) -> list[dict]:
+        return [{"speaker": g["speaker"], "dia_id": g["dia_id"], "fact": g["fact"]} for g in gold_facts]
+
+    def manage(self, facts: list[dict], gold: dict) -> list[dict]:
+        ops: list[dict] = []
+        added: dict[str, int] = {}  # key -> index in `ops` of an ADD made in this same action
+        keys = gold.get("candidate_keys", [])
+        for f in facts:
+            g = gold["ops"].get(f["dia_id"])
+            if g is None:
+                continue
+            target = next((i for i, k in enumerate(keys) if k == g["key"]), None)
+            kind = g["op"]
+            if g["key"] in added and kind in (OP_UPDATE, OP_DELETE):
+                j = added[g["key"]]
+                if kind == OP_UPDATE:
+                    ops[j] = dict(ops[j], text=g["text"], dia_id=g["dia_id"])
+                else:
+                    ops[j] = None  # type: ignore[call-overload]
+                    del added[g["key"]]
+                continue
+            if kind == OP_ADD or (kind == OP_UPDATE and target is None):
+                added[g["key"]] = len(ops)
+                ops.append({"op": OP_ADD, "text": g["text"], "speaker": g["speaker"], "dia_id": g["dia_id"]})
+            elif target is not None and kind == OP_UPDATE:
+                ops.append({"op": OP_UPDATE, "id": target, "text": g["text"], "dia_id": g["dia_id"]})
+            elif target is not None and kind in (OP_DELETE, OP_NOOP):
+                ops.append({"op": kind, "id": target})
+        return [o for o in ops if o is not None]
+
+
+class AddOnlyAgent(OracleAgent):
+    """Gold facts, but the manager only ever ADDs: stale values stay and pile up."""
+
+    name = "add-only"
+
+    def manage(self, facts: list[dict], gold: dict) -> list[dict]:
+        ops = []
+        for f in facts:
+            g = gold["ops"].get(f["dia_id"])
+            if g is not None and g["op"] in (OP_ADD, OP_UPDATE):
+                ops.append({"op": OP_ADD, "text": g["text"], "speaker": g["speaker"], "dia_id": g["dia_id"]})
+        return ops
+
+
+class NoisyTeacher(OracleAgent):
+    """The oracle with a rate ``noise`` of realistic mistakes.
+
+    Each decision draws from a generator seeded by ``(seed, dia_id, role)``, so the teacher is a
+    deterministic function of what it sees (reproducible rollouts, consistent across restores).
+    Mistakes, each with probability ``noise``:
+
+    * the extractor misses a fact;
+    * the manager ADDs where it should UPDATE (a stale duplicate stays);
+    * the manager skips a DELETE (a retracted fact stays);
+    * the manager DELETEs a memory it should have kept (on a NOOP or an unrelated candidate),
+      with probability ``noise / 2``.
+    """
+
+    name = "noisy-teacher"
+
+    def __init__(self, noise: float = 0.3, seed: int = 0):
+        if not 0.0 <= noise <= 1.0:
+            raise ValueError(f"noise must be in [0, 1], got {noise}")
+        self.noise = float(noise)
+        self.seed = int(seed)
+
+    def _rng(self, dia_id: str, role: int) -> np.random.Generator:
+        return np.random.default_rng([self.seed, zlib.crc32(dia_id.encode()), role])
+
+    def extract(self, gold_facts: list[dict]) -> list[dict]:
+        kept = [g for g in gold_facts if self._rng(g["dia_id"], EXTRACTOR).random() >= self.noise]
+        return super().extract(kept)
+
+    def manage(self, facts: list[dict], gold: dict) -> list[dict]:
+        clean = super().manage(facts, gold)
+        ops = []
+        for op in clean:
+            rng = self._rng(op.get("dia_id", f"id{op.get('id')}"), MANAGER)
+            u = rng.random()
+            if op["op"] == OP_UPDATE and u < self.noise:
+                g = next((g for g in gold["ops"].values() if g["dia_id"] == op["dia_id"]), None)
+                ops.append({"op": OP_ADD, "text": op["text"], "speaker": g["speaker"] if g else "", "dia_id": op["dia_id"]})
+            elif op["op"] == OP_DELETE and u < self.noise:
+                continue
+            elif op["op"] == OP_NOOP and u < self.noise / 2:
+                ops.append({"op": OP_DELETE, "id": op["id"]})
+            else:
+                ops.append(op)
+        n_cand = len(gold.get("candidate_keys", []))
+        if n_cand and facts:
+            rng = self._rng(facts[0]["dia_id"] + "/extra", MANAGER)
+            if rng.random() < self.noise / 2:
+                ops.append({"op": OP_DELETE, "id": int(rng.integers(n_cand))})
+        return ops
+
+
+AGENTS = {
+    "oracle": OracleAgent,
+    "no-memory": NoMemoryAgent,
+    "store-turns": StoreTurnsAgent,
+    "add-only": AddOnlyAgent,
+    "noisy-teacher": NoisyTeacher,
+}
+
+
+def make_agent(name: str, **kwargs: Any):
+    """Build a scripted agent by name (``oracle``, ``no-memory``, ``store-turns``, ``add-only``,
+    ``noisy-teacher``)."""
+    try:
+        return AGENTS[name](**kwargs)
+    except KeyError:
+        raise ValueError(f"unknown agent {name!r}; choose one of {sorted(AGENTS)}") from None
