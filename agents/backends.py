@@ -1,0 +1,246 @@
+"""Generation backends: the narrow interface between the policy and whatever samples tokens.
+
+A backend turns a batch of prompts (token ids) into completions (token ids), the log-probability
+of every sampled token, and why each completion stopped. The trainer never sees more than that,
+so vLLM engines or remote workers can replace :class:`HFBackend` later without touching it.
+
+Log-probability convention (every backend must follow it, and ``SharedPolicy.logprobs_of``
+computes the same quantity with gradients):
+
+    logprob[t] = log_softmax(logits[t] / T)[token[t]]
+
+where ``logits`` are the model's raw next-token logits and ``T`` the sampling temperature
+(``T = 1`` when decoding greedily, ``temperature == 0``). Top-p truncation is *not* applied:
+the value is the log-probability under the temperature-scaled model, as TRL's GRPO trainer
+computes it, so that PPO/GRPO ratios between sampling time and training time compare like with
+like. Completions include the stop token when one was produced, together with its log-prob,
+so the policy is also trained on when to stop.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Protocol, runtime_checkable
+
+import torch
+
+__all__ = ["GenerationBackend", "HFBackend", "BackendOutput", "stop_token_ids"]
+
+BackendOutput = tuple[list[int], list[float], str]
+"""One completion: ``(completion_ids, logprobs, finish_reason)``; finish_reason is
+``"stop"`` (a stop token was generated, it is the last id) or ``"length"``."""
+
+
+@runtime_checkable
+class GenerationBackend(Protocol):
+    """Anything that samples completions for a batch of tokenized prompts."""
+
+    def generate(
+        self,
+        prompt_ids: Sequence[Sequence[int]],
+        *,
+        temperature: float,
+        top_p: float,
+        max_new_tokens: int,
+        seed: int | None,
+    ) -> list[BackendOutput]:
+        """Sample one completion per prompt.
+
+        Args:
+            prompt_ids: the prompts, already rendered and tokenized.
+            temperature: sampling temperature; ``0`` means greedy decoding.
+            top_p: nucleus sampling threshold in ``(0, 1]``.
+            max_new_tokens: most tokens generated per prompt (stop token included).
+            seed: with the same seed and the same batch, the same samples; ``None`` draws from
+                the backend's own random state.
+
+        Returns:
+            One ``(completion_ids, logprobs, finish_reason)`` per prompt, in order, with the
+            log-probs defined in this module's docstring.
+        """
+        ...
+
+
+def stop_token_ids(model, tokenizer) -> list[int]:
+    """Token ids that end a turn: the tokenizer's EOS plus the model's generation EOS ids.
+
+    Instruct models often stop on an end-of-turn token that differs from the tokenizer's EOS
+    (Qwen2.5 lists both ``<|im_end|>`` and ``<|endoftext|>`` in its generation config).
+    """
+    ids: list[int] = []
+    candidates = [tokenizer.eos_token_id, getattr(model.generation_config, "eos_token_id", None)]
+    for candidate in candidates:
+        for token_id in candidate if isinstance(candidate, (list, tuple)) else [candidate]:
+            if token_id is not None and token_id not in ids:
+                ids.append(int(token_id))
+    if not ids:
+        raise ValueError("neither the tokenizer nor the model's generation config defines an EOS token")
+    return ids
+
+
+# Neutral values for the logits processors a model's generation_config may switch on
+# (instruct models ship top-k, top-p, temperature and repetition penalties). transformers fills
+# every field left unset (None) in a generate call from the model's generation_config, so each
+# processor is switched off here with an explicit neutral value; any of them would make the
+# sampling distribution differ from the one the log-probs describe.
+_NEUTRAL_SAMPLING = dict(
+    top_k=0,
+    typical_p=1.0,
+    epsilon_cutoff=0.0,
+    eta_cutoff=0.0,
+    repetition_penalty=1.0,
+    encoder_repetition_penalty=1.0,
+    no_repeat_ngram_size=0,
+    min_new_tokens=0,
+    renormalize_logits=False,
+    remove_invalid_values=False,
+    num_beams=1,
+    num_return_sequences=1,
+)
+
+# Processors that only a None value disables, which a generate call cannot pass (None means
+# "take the model's value"): a model whose generation_config sets one of them is refused.
+_UNSUPPORTED_PROCESSORS = (
+    "sequence_bias",
+    "bad_words_ids",
+    "suppress_tokens",
+    "begin_suppress_tokens",
+    "forced_bos_token_id",
+    "forced_eos_token_id",
+    "exponential_decay_length_penalty",
+    "watermarking_config",
+    "top_h",
+)
+
+
+class HFBackend:
+    """Sampling with Hugging Face ``model.generate`` (left padding, KV cache).
+
+    Works on CPU and CUDA: inputs go to the model's device. Sampling is seeded by forking the
+    torch RNG (CPU and, on CUDA, the model's device) and seeding it, so a seeded call neither
+    depends on nor disturbs the caller's global RNG state. Samples for one prompt depend on the
+    whole batch (its padding and its position in it), so "same seed, same samples" holds for the
+    same batch of prompts.
+
+    Args:
+        model: a causal LM (``PreTrainedModel`` with ``generate``).
+        tokenizer: its tokenizer; provides the pad and EOS ids.
+        stop_ids: token ids that end a completion; default :func:`stop_token_ids`.
+    """
+
+    def __init__(self, model, tokenizer, stop_ids: Sequence[int] | None = None):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.stop_ids = list(stop_ids) if stop_ids is not None else stop_token_ids(model, tokenizer)
+        pad = tokenizer.pad_token_id
+        self.pad_id = int(pad) if pad is not None else self.stop_ids[0]
+        config = model.generation_config
+        fixed = [name for name in _UNSUPPORTED_PROCESSORS if getattr(config, name, None) is not None]
+        if getattr(config, "guidance_scale", None) not in (None, 1, 1.0):
+            fixed.append("guidance_scale")
+        if fixed:
+            raise ValueError(
+                f"model.generation_config sets {fixed}, which would bias sampling away from the "
+                "reported log-probs; set them to None on model.generation_config first"
+            )
+        # min_p has no "off" value other than None; 0.0 keeps every token.
+        self._min_p = {"min_p": 0.0} if getattr(config, "min_p", None) is not None else {}
+
+    def generate(
+        self,
+        prompt_ids: Sequence[Sequence[int]],
+        *,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        max_new_tokens: int = 256,
+        seed: int | None = None,
+    ) -> list[BackendOutput]:
+        """Sample one completion per prompt; see :meth:`GenerationBackend.generate`."""
+        _check_sampling_args(prompt_ids, temperature, top_p, max_new_tokens)
+        if not prompt_ids:
+            return []
+        device = self.model.device
+        input_ids, attention_mask = left_pad(prompt_ids, self.pad_id, device)
+        greedy = temperature == 0
+        # Greedy decoding still gets neutral values, so that a model's sampling defaults do not
+        # trigger warnings about unused settings.
+        sampling = {"temperature": 1.0 if greedy else float(temperature), "top_p": 1.0 if greedy else float(top_p)}
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.no_grad(), _seeded(seed, device):
+                out = self.model.generate(
+                    input_ids=input_ids,
+                    attention_mask=attention_mask,
+                    do_sample=not greedy,
+                    max_new_tokens=int(max_new_tokens),
+                    eos_token_id=self.stop_ids,
+                    pad_token_id=self.pad_id,
+                    return_dict_in_generate=True,
+                    output_logits=True,
+                    **_NEUTRAL_SAMPLING,
+                    **self._min_p,
+                    **sampling,
+                )
+        finally:
+            self.model.train(was_training)
+        new_tokens = out.sequences[:, input_ids.shape[1] :]
+        # logits: one (batch, vocab) tensor per generated position, raw (before temperature).
+        logits = torch.stack(out.logits, dim=1).float()
+        scale = 1.0 if greedy else float(temperature)
+        logprobs = torch.log_softmax(logits / scale, dim=-1)
+        token_logprobs = logprobs.gather(-1, new_tokens.unsqueeze(-1)).squeeze(-1)
+        return [
+            _trim(new_tokens[i].tolist(), token_logprobs[i].tolist(), self.stop_ids)
+            for i in range(new_tokens.shape[0])
+        ]
+
+
+def left_pad(
+    sequences: Sequence[Sequence[int]], pad_id: int, device: torch.device | str = "cpu"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad token id lists into ``(input_ids, attention_mask)`` long tensors."""
+    width = max(len(s) for s in sequences)
+    input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        if len(seq):
+            input_ids[row, width - len(seq) :] = torch.as_tensor(list(seq), dtype=torch.long)
+            attention_mask[row, width - len(seq) :] = 1
+    return input_ids.to(device), attention_mask.to(device)
+
+
+def _trim(ids: list[int], logprobs: list[float], stop_ids: Sequence[int]) -> BackendOutput:
+    """Cut a generated row after its first stop token (generate pads finished rows)."""
+    for position, token in enumerate(ids):
+        if token in stop_ids:
+            return ids[: position + 1], logprobs[: position + 1], "stop"
+    return ids, logprobs, "length"
+
+
+def _check_sampling_args(prompt_ids, temperature: float, top_p: float, max_new_tokens: int) -> None:
+    """Reject arguments that ``generate`` would misread or fail on deep inside."""
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if int(max_new_tokens) < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    for i, prompt in enumerate(prompt_ids):
+        if len(prompt) == 0:
+            raise ValueError(f"prompt {i} is empty")
+
+
+@contextmanager
+def _seeded(seed: int | None, device: torch.device) -> Iterator[None]:
+    """Run the block on a forked torch RNG seeded with ``seed``; do nothing when it is None.
+
+    Forking (CPU, plus the model's CUDA device) keeps the caller's global RNG state untouched.
+    """
+    if seed is None:
+        yield
+        return
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        yield

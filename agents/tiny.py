@@ -1,0 +1,246 @@
+"""The embedded tiny default: a byte-level BPE tokenizer and a small Llama-style model.
+
+``memr2 train`` must run on a fresh CPU machine with no download, so the default policy is built
+here from scratch: a tokenizer trained on synthetic memory tasks and a randomly initialised
+causal LM, both saved with ``save_pretrained`` so that plain
+``AutoTokenizer.from_pretrained(dir)`` / ``AutoModelForCausalLM.from_pretrained(dir)`` load them.
+
+Chat format (every marker is a single special token, so the text between markers is tokenized on
+its own and the prompt ids are always a prefix of the ids of the full conversation)::
+
+    <|bos|><|system|>...<|end|><|user|>...<|end|><|assistant|>...<|end|>
+
+``<|end|>`` closes every turn and is the EOS token: generation stops there. The template marks
+the assistant content plus its closing ``<|end|>`` with ``{% generation %}`` so that
+``apply_chat_template(..., return_assistant_tokens_mask=True)`` returns the trainable tokens.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+__all__ = [
+    "SPECIAL_TOKENS",
+    "CHAT_TEMPLATE",
+    "train_tokenizer",
+    "tiny_config",
+    "build_tiny_model",
+    "default_tokenizer_corpus",
+]
+
+BOS, EOS, PAD = "<|bos|>", "<|end|>", "<|pad|>"
+SYSTEM, USER, ASSISTANT = "<|system|>", "<|user|>", "<|assistant|>"
+SPECIAL_TOKENS = (PAD, BOS, EOS, SYSTEM, USER, ASSISTANT)
+"""Special tokens; they take ids 0..5 in this order (pad is 0)."""
+
+CHAT_TEMPLATE = (
+    "{{- bos_token -}}"
+    "{%- for message in messages -%}"
+    "{%- if message['role'] == 'assistant' -%}"
+    "{{- '<|assistant|>' -}}"
+    "{%- generation -%}{{- message['content'] + '<|end|>' -}}{%- endgeneration -%}"
+    "{%- elif message['role'] in ['system', 'user'] -%}"
+    "{{- '<|' + message['role'] + '|>' + message['content'] + '<|end|>' -}}"
+    "{%- else -%}"
+    "{{- raise_exception('unknown chat role: ' + message['role']) -}}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<|assistant|>' -}}{%- endif -%}"
+)
+"""Jinja chat template of the tiny tokenizer (system/user/assistant turns)."""
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int = 1024):
+    """Train a byte-level BPE tokenizer on ``texts`` and wrap it for transformers.
+
+    Byte-level means every string, in any script, encodes losslessly: the 256 byte symbols are
+    always in the vocabulary and merges only shorten sequences. No normalisation is applied and
+    decoding does not clean up spaces, so ``decode(encode(s)) == s``.
+
+    Args:
+        texts: training texts (an iterable, consumed once).
+        vocab_size: total vocabulary size including the 256 byte symbols and the special tokens.
+
+    Returns:
+        A ``PreTrainedTokenizerFast`` with bos/eos/pad tokens, the chat role markers and
+        :data:`CHAT_TEMPLATE`.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    min_size = 256 + len(SPECIAL_TOKENS)
+    if vocab_size < min_size:
+        raise ValueError(f"vocab_size must be at least {min_size} (bytes + special tokens)")
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(texts, trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        bos_token=BOS,
+        eos_token=EOS,
+        pad_token=PAD,
+        additional_special_tokens=[SYSTEM, USER, ASSISTANT],
+        chat_template=CHAT_TEMPLATE,
+        clean_up_tokenization_spaces=False,
+        padding_side="left",
+        model_max_length=4096,
+    )
+
+
+def tiny_config(
+    vocab_size: int,
+    *,
+    hidden_size: int = 192,
+    num_layers: int = 4,
+    num_heads: int = 4,
+    intermediate_size: int = 512,
+    max_position_embeddings: int = 4096,
+    bos_token_id: int = 1,
+    eos_token_id: int = 2,
+    pad_token_id: int = 0,
+):
+    """A small Llama-style ``LlamaConfig`` (about 1.9 M parameters with the defaults).
+
+    Tied input/output embeddings, RoPE, SwiGLU MLP, RMSNorm; with a 1,024-token vocabulary the
+    defaults give 1.97 M parameters. Sampling speed with ``model.generate`` on a 2-core CPU
+    (batch 32, 256 prompt tokens, 64 new tokens, best of 5): 0.98 M (hidden 128) about 2,500
+    tokens/s, 1.97 M (hidden 192, 4 layers) about 1,700, 2.85 M (6 layers) about 1,200,
+    3.43 M (hidden 256) about 1,250, 5.0 M about 850. The default is the size that already
+    learned the facts-JSON format from scratch in minutes (``shared/MEASURED.md``); halving it
+    would buy 1.5x faster rollouts at the risk of too little capacity for the manager role.
+    The token ids default to the order of :data:`SPECIAL_TOKENS`.
+    """
+    from transformers import LlamaConfig
+
+    if hidden_size % num_heads:
+        raise ValueError(f"hidden_size {hidden_size} is not divisible by num_heads {num_heads}")
+    return LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_heads,
+        max_position_embeddings=max_position_embeddings,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=True,
+        bos_token_id=bos_token_id,
+        eos_token_id=eos_token_id,
+        pad_token_id=pad_token_id,
+    )
+
+
+def build_tiny_model(
+    out_dir: str | os.PathLike,
+    texts: Iterable[str] | None = None,
+    seed: int = 0,
+    *,
+    vocab_size: int = 1024,
+    **config_overrides,
+) -> Path:
+    """Train the tokenizer, build a seeded random-init tiny model and save both to ``out_dir``.
+
+    Args:
+        out_dir: target directory (created if missing). Written with ``save_pretrained``
+            (safetensors) so it loads offline with the plain Auto classes.
+        texts: tokenizer training corpus; ``None`` uses :func:`default_tokenizer_corpus` with its
+            defaults, so models built with different seeds share one tokenizer.
+        seed: seeds the weight initialisation (the tokenizer is deterministic given ``texts``).
+        vocab_size: tokenizer vocabulary size.
+        **config_overrides: passed to :func:`tiny_config` (``hidden_size``, ``num_layers``...).
+
+    Returns:
+        The output directory as a ``Path``.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    out = Path(out_dir)
+    if texts is None:
+        texts = default_tokenizer_corpus()
+    tokenizer = train_tokenizer(texts, vocab_size=vocab_size)
+    ids = tokenizer.convert_tokens_to_ids([BOS, EOS, PAD])
+    config = tiny_config(
+        len(tokenizer),
+        bos_token_id=ids[0],
+        eos_token_id=ids[1],
+        pad_token_id=ids[2],
+        **config_overrides,
+    )
+    # Seed a private RNG stream so building a model does not disturb the caller's global RNG.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.generation_config = GenerationConfig(
+        bos_token_id=ids[0], eos_token_id=ids[1], pad_token_id=ids[2]
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def default_tokenizer_corpus(n_conversations: int = 100, seed: int = 0) -> list[str]:
+    """Texts for training the tiny tokenizer, drawn from the synthetic task generator.
+
+    For each synthetic conversation it yields observation-like renderings (dialogue slices with
+    dates and ``[dia_id] speaker: text`` lines, fact lists, memory lists) and the JSON actions
+    built from the gold operation log, so the BPE merges cover the dialogue vocabulary, the
+    dia_id pattern and JSON punctuation. Both role prompts in both styles are included.
+    ``memenv.data.generate_conversations`` is imported lazily (only this function needs it).
+    """
+    from memenv.data import generate_conversations
+
+    texts = list(_prompt_texts())
+    for conversation in generate_conversations(n_conversations, seed=seed):
+        texts.extend(_conversation_texts(conversation, random.Random(f"{seed}:{conversation.conv_id}")))
+    return texts
+
+
+def _prompt_texts() -> Iterator[str]:
+    """Every role prompt in every style."""
+    from agents.prompts import SYSTEM_PROMPTS
+
+    for prompts in SYSTEM_PROMPTS.values():
+        yield from prompts
+
+
+def _conversation_texts(conversation, rng: random.Random) -> Iterator[str]:
+    """Extractor- and manager-like texts for one ``memenv.types.Conversation``.
+
+    These approximate the env's renderings; the tokenizer only needs the same character and
+    word statistics, not byte-identical observations.
+    """
+    for session in conversation.sessions:
+        lines = [f"date: {session.date}"] if session.date else []
+        lines += [f"[{t.dia_id}] {t.speaker}: {t.text}" for t in session.turns]
+        yield "\n".join(lines)
+    memories: list[str] = []
+    for op in conversation.gold_ops:
+        yield json.dumps({"facts": [{"speaker": op.speaker, "dia_id": op.dia_id, "fact": op.fact}]})
+        shown = memories[-rng.randint(1, 8) :] if memories else []
+        operation: dict[str, object] = {"op": op.op}
+        if op.op != "ADD" and shown:
+            operation["id"] = rng.randrange(len(shown))
+        if op.op in ("ADD", "UPDATE"):
+            operation["text"] = op.text or op.fact
+            if op.op == "ADD":
+                operation["speaker"] = op.speaker
+            operation["dia_id"] = op.dia_id
+        yield json.dumps({"operations": [operation]})
+        yield "\n".join(
+            [f"facts:\n[{op.dia_id}] {op.speaker}: {op.fact}", "memories:"]
+            + [f"{i} {m}" for i, m in enumerate(shown)]
+        )
+        memories.append(f"[{op.speaker}] {op.text or op.fact}")
