@@ -428,9 +428,13 @@ class MemSessionEnv(gym.Env):
 
     # ------------------------------------------------------------------ scoring (public)
 
-    def questions_for(self, session: int | None = None, mode: str | None = None) -> tuple[QAItem, ...]:
+    def questions_for(
+        self, session: int | None = None, mode: str | None = None, max_questions: int | None = -1
+    ) -> tuple[QAItem, ...]:
         """The questions the env scores after ``session`` (1-based; default: the current one) in
-        ``mode`` (default: the env's ``reward_mode``), after the ``max_questions`` subset."""
+        ``mode`` (default: the env's ``reward_mode``), as a seeded subset of at most
+        ``max_questions`` (default: the env's setting; ``None``: all). The subset depends only on
+        the task, the mode and the session, so every rollout of a task gets the same questions."""
         st = self._require_state()
         mode = mode or self.reward_mode
         if mode not in REWARD_MODES:
@@ -441,7 +445,8 @@ class MemSessionEnv(gym.Env):
             qs = conv.questions_new_at(k)
         else:
             qs = conv.questions_valid_at(k)
-        return self._subset(conv, qs, f"{mode}:{k}")
+        cap = self.max_questions if max_questions == -1 else max_questions
+        return self._subset(conv, qs, f"{mode}:{k}", cap)
 
     def score_questions(self, questions: Sequence[QAItem], bank: MemoryBank | None = None) -> list[dict]:
         """Answer ``questions`` from ``bank`` (default: the current memory) and score them.
@@ -496,11 +501,11 @@ class MemSessionEnv(gym.Env):
                 return i
         raise ValueError(f"session {session} is not in this episode")
 
-    def _subset(self, conv: Conversation, qs: tuple[QAItem, ...], tag: str) -> tuple[QAItem, ...]:
-        if self.max_questions is None or len(qs) <= self.max_questions:
+    def _subset(self, conv: Conversation, qs: tuple[QAItem, ...], tag: str, cap: int | None) -> tuple[QAItem, ...]:
+        if cap is None or len(qs) <= cap:
             return qs
         seed = [self.question_seed, zlib.crc32(conv.conv_id.encode()), zlib.crc32(tag.encode())]
-        idx = np.random.default_rng(seed).choice(len(qs), self.max_questions, replace=False)
+        idx = np.random.default_rng(seed).choice(len(qs), cap, replace=False)
         return tuple(qs[i] for i in sorted(idx))
 
     def _slice_turns(self, st: EnvState) -> tuple[Turn, ...]:

@@ -1,0 +1,217 @@
+"""The batched rollout engine.
+
+Many environments advance in lockstep. At every step the engine collects the pending observation
+of each active environment (extractor and manager prompts alike), makes ONE generation call for
+all of them, and steps each environment with its completion. Every generated turn is recorded
+with the ids a trainer needs: prompt and completion token ids, the sampling-time log-probs, the
+role, the session, the episode and rollout ids. Group ids are left to the trainer, since GRPO and
+LoGo-GRPO differ only in the groups they build.
+
+An episode can start from a saved environment state and stop after a number of sessions: this is
+how LoGo-GRPO reruns one session from the very same memory.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import gymnasium as gym
+
+__all__ = ["TurnRecord", "EpisodeRecord", "Start", "RolloutEngine"]
+
+
+@dataclass
+class TurnRecord:
+    """One generated turn (one row of the policy loss)."""
+
+    episode_id: int
+    rollout_id: int
+    conv_id: str
+    session: int
+    role: int
+    prompt_ids: list[int]
+    completion_ids: list[int]
+    logprobs: list[float]
+    text: str
+    finish_reason: str
+    parse_error: str | None = None
+    group_id: Any = None
+    advantage: float = 0.0
+
+
+@dataclass
+class EpisodeRecord:
+    """Everything one rollout produced.
+
+    ``session_rewards[k]`` is the env reward at the end of session ``k``; ``session_info[k]`` the
+    env's info there (``qa``, ``f1``, ``penalty``, ``m_fail``). ``states[k]`` is the environment
+    state saved just before session ``k`` began (when ``save_states`` is on).
+    """
+
+    episode_id: int
+    rollout_id: int
+    conv_id: str
+    turns: list[TurnRecord] = field(default_factory=list)
+    session_rewards: dict[int, float] = field(default_factory=dict)
+    session_info: dict[int, dict] = field(default_factory=dict)
+    states: dict[int, Any] = field(default_factory=dict)
+    final_state: Any = None
+    done: bool = False
+    stats: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def sessions(self) -> list[int]:
+        return sorted({t.session for t in self.turns} | set(self.session_rewards))
+
+    @property
+    def total_reward(self) -> float:
+        return float(sum(self.session_rewards.values()))
+
+    @property
+    def generated_tokens(self) -> int:
+        return sum(len(t.completion_ids) for t in self.turns)
+
+
+@dataclass(frozen=True)
+class Start:
+    """How to start one rollout: ``reset(seed=seed, options=options)``; ``max_sessions`` stops
+    it after that many session ends (``None``: run to the end of the episode)."""
+
+    seed: int | None = None
+    options: dict | None = None
+    max_sessions: int | None = None
+    rollout_id: int = 0
+
+
+class RolloutEngine:
+    """Steps many environments in lockstep with one batched generation call per step.
+
+    Args:
+        policy: an object with ``generate(observations, temperature=, top_p=, max_new_tokens=,
+            seed=) -> list[Generation]`` (:class:`agents.policy.SharedPolicy`).
+        env_fn: builds one environment (for example ``lambda: gym.make("MemSession-v0", ...)``).
+            The engine keeps a pool and reuses environments across calls.
+        temperature, top_p, max_new_tokens: sampling settings.
+        save_states: save the env state before every session (needed for rerollouts).
+    """
+
+    def __init__(
+        self,
+        policy,
+        env_fn: Callable[[], gym.Env],
+        *,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        max_new_tokens: int = 96,
+        save_states: bool = True,
+        progress: bool = False,
+    ):
+        self.policy = policy
+        self.env_fn = env_fn
+        self.temperature = temperature
+        self.top_p = top_p
+        self.max_new_tokens = max_new_tokens
+        self.save_states = save_states
+        self.progress = progress
+        self._pool: list[gym.Env] = []
+        self._next_episode_id = 0
+        self.timing = {"generate_s": 0.0, "env_s": 0.0, "calls": 0, "generated_tokens": 0}
+
+    def _envs(self, n: int) -> list[gym.Env]:
+        while len(self._pool) < n:
+            self._pool.append(self.env_fn())
+        return self._pool[:n]
+
+    def run(self, starts: Sequence[Start], seed: int = 0, temperature: float | None = None) -> list[EpisodeRecord]:
+        """Run one rollout per ``Start``, all in lockstep; returns records in the same order.
+
+        The same starts and ``seed`` give the same records (sampling is seeded per call).
+        """
+        temperature = self.temperature if temperature is None else temperature
+        envs = self._envs(len(starts))
+        records: list[EpisodeRecord] = []
+        obs: list[dict | None] = []
+        infos: list[dict] = []
+        sessions_left: list[int | None] = []
+        t0 = time.perf_counter()
+        for env, start in zip(envs, starts):
+            o, info = env.reset(seed=start.seed, options=start.options)
+            rec = EpisodeRecord(self._next_episode_id, start.rollout_id, info["conv_id"])
+            self._next_episode_id += 1
+            if self.save_states:
+                rec.states[info["session"]] = env.unwrapped.save_state()
+            records.append(rec)
+            obs.append(o)
+            infos.append(info)
+            sessions_left.append(start.max_sessions)
+        self.timing["env_s"] += time.perf_counter() - t0
+
+        bar = None
+        if self.progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(desc="rollout", unit="step", leave=False)
+        call = 0
+        while True:
+            active = [i for i, o in enumerate(obs) if o is not None]
+            if not active:
+                break
+            t0 = time.perf_counter()
+            gens = self.policy.generate(
+                [obs[i] for i in active],
+                temperature=temperature,
+                top_p=self.top_p,
+                max_new_tokens=self.max_new_tokens,
+                seed=None if seed is None else seed * 1_000_003 + call,
+            )
+            self.timing["generate_s"] += time.perf_counter() - t0
+            self.timing["calls"] += 1
+            call += 1
+            t0 = time.perf_counter()
+            for i, gen in zip(active, gens):
+                env, rec, info = envs[i], records[i], infos[i]
+                session = info["session"]
+                o2, reward, terminated, truncated, info2 = env.step(gen.text)
+                self.timing["generated_tokens"] += len(gen.completion_ids)
+                rec.turns.append(
+                    TurnRecord(
+                        episode_id=rec.episode_id,
+                        rollout_id=rec.rollout_id,
+                        conv_id=rec.conv_id,
+                        session=session,
+                        role=int(obs[i]["role"]),
+                        prompt_ids=list(gen.prompt_ids),
+                        completion_ids=list(gen.completion_ids),
+                        logprobs=[float(x) for x in gen.logprobs],
+                        text=gen.text,
+                        finish_reason=gen.finish_reason,
+                        parse_error=info2.get("parse_error"),
+                    )
+                )
+                ended = "session_end" in info2
+                if ended:
+                    k = info2["session_end"]
+                    rec.session_rewards[k] = rec.session_rewards.get(k, 0.0) + float(reward)
+                    rec.session_info[k] = {key: info2[key] for key in ("qa", "f1", "penalty", "m_fail", "num_questions") if key in info2}
+                    rec.session_info[k]["memory_size"] = info2["memory_size"]
+                    if sessions_left[i] is not None:
+                        sessions_left[i] -= 1
+                stop = terminated or truncated or (sessions_left[i] is not None and sessions_left[i] <= 0)
+                if ended and not stop and self.save_states:
+                    rec.states[info2["session"]] = env.unwrapped.save_state()
+                if stop:
+                    rec.done = bool(terminated or truncated)
+                    rec.final_state = env.unwrapped.save_state()
+                    rec.stats = dict(info2.get("stats", {}))
+                    obs[i] = None
+                else:
+                    obs[i], infos[i] = o2, info2
+            self.timing["env_s"] += time.perf_counter() - t0
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(active=len(active))
+        if bar is not None:
+            bar.close()
+        return records
