@@ -603,7 +603,7 @@ class MemSessionEnv(gym.Env):
         session = layout[st.pos][0].index
         last = st.pos == len(layout) - 1
         if self.reward_mode == "final" and not last:
-            return 0.0, info
+            return 0.0, {**info, "session_end": session}
         questions = self.questions_for(session=session)
         qa = self.score_questions(questions, st.bank)
         mean_f1 = float(np.mean([r["f1"] for r in qa])) if qa else 0.0
