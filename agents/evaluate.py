@@ -274,13 +274,13 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     judge = _make_judge(args, judge_spec)
     agent, agent_name = _make_agent(args)
 
-    def make_env():
-        return MemSessionEnv(
+    envs = [
+        MemSessionEnv(
             horizon=horizon, conversations=conversations, reader=reader, reward_mode=REWARD_MODE,
             max_questions=args.max_questions, question_seed=args.seed, slices_per_session=slices,
         )
-
-    envs = [make_env() for _ in range(min(args.batch, len(conversations)))]
+        for _ in range(min(args.batch, len(conversations)))
+    ]
     bar = _progress(total=len(conversations), desc=f"eval {agent_name}", unit="episode", disable=args.no_progress)
     episodes: list[EpisodeSummary] = []
     for start in range(0, len(conversations), len(envs)):
