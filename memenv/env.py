@@ -29,6 +29,11 @@ MAX_OBS_CHARS = 100_000
 MAX_ACTION_LENGTH = 8192
 
 
+def _one_line(text: str) -> str:
+    """Collapse line breaks so that every turn, fact and memory is one line of the observation."""
+    return " ".join(text.split()) if "\n" in text or "\r" in text else text
+
+
 @dataclass(frozen=True)
 class EpisodeStats:
     """Counters over an episode (all ints)."""
@@ -625,14 +630,14 @@ class MemSessionEnv(gym.Env):
         sess = self._layout(conv)[st.pos][0]
         lines = [f"date: {sess.date}"] if self._dates_shown(conv) and sess.date else []
         if st.role == EXTRACTOR:
-            lines += [f"[{t.dia_id}] {t.speaker}: {t.text}" for t in self._slice_turns(st)]
+            lines += [f"[{t.dia_id}] {t.speaker}: {_one_line(t.text)}" for t in self._slice_turns(st)]
         else:
             lines.append("turns:" if self.single_agent else "facts:")
-            lines += [f"[{f.dia_id}] {f.speaker}: {f.text}" if f.dia_id else f"{f.speaker}: {f.text}" for f in st.pending]
+            lines += [f"[{f.dia_id}] {f.speaker}: {_one_line(f.text)}" if f.dia_id else f"{f.speaker}: {_one_line(f.text)}" for f in st.pending]
             lines.append("memories:")
             for i, bid in enumerate(st.candidates):
                 e = st.bank.get(bid)
-                lines.append(f"{i} [{e.speaker}] {e.content}")
+                lines.append(f"{i} [{e.speaker}] {_one_line(e.content)}")
         text = "\n".join(lines)
         if len(text) > MAX_OBS_CHARS:
             text = text[: MAX_OBS_CHARS - 15] + "\n[truncated]"

@@ -307,3 +307,10 @@ def test_bad_constructor_arguments():
         MemSessionEnv(conversations=[])
     with pytest.raises(IndexError):
         MemSessionEnv(conversations=[_tiny_conversation()]).reset(options={"task": 3})
+
+
+def test_multi_line_turns_render_on_one_line():
+    s1 = Session(1, "1 May 2023", (Turn("Ann", "D1:1", "\nI live\nin Oslo."), Turn("Bo", "D1:2", "ok")))
+    conv = Conversation("ml", ("Ann", "Bo"), (s1,), ())
+    obs, _ = MemSessionEnv(conversations=[conv], horizon=1, slices_per_session=1).reset(seed=0)
+    assert obs["text"].splitlines()[1:] == ["[D1:1] Ann: I live in Oslo.", "[D1:2] Bo: ok"]
