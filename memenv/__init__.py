@@ -11,6 +11,7 @@
 from gymnasium.envs.registration import register, registry
 
 from memenv import data
+from memenv.checker import check_env
 from memenv.env import ROLES, EnvState, MemSessionEnv
 from memenv.memory import MemoryBank, MemoryEntry, MemoryOp
 from memenv.types import Conversation, GoldOp, QAItem, Session, Turn
@@ -28,6 +29,7 @@ __all__ = [
     "QAItem",
     "GoldOp",
     "data",
+    "check_env",
 ]
 
 __version__ = "0.1.0"

@@ -10,6 +10,7 @@ that looks like model output), and stores code points in the shared memory of
 from __future__ import annotations
 
 import string
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -58,7 +59,40 @@ def _write(space: UnicodeText, index: int, values: str, shared_memory) -> None:
     dest[1 : 1 + len(codes)] = codes
 
 
+class SharedTextView(Sequence):
+    """The strings of ``n`` envs in shared memory, decoded when read.
+
+    ``AsyncVectorEnv`` calls ``read_from_shared_memory`` once, when it is built, and keeps the
+    result as its observation buffer, expecting a view of what the workers write later (numpy
+    views do that). A tuple of strings would stay frozen at the empty buffer. ``copy.deepcopy``
+    (applied to every observation the vector env returns) and pickling give a plain tuple.
+    """
+
+    def __init__(self, space: UnicodeText, shared_memory, n: int):
+        self._rows = np.frombuffer(shared_memory.get_obj(), dtype=np.int32).reshape((n, space.max_length + 1))
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return tuple(self[i] for i in range(*index.indices(len(self))))
+        row = self._rows[index]
+        return "".join(map(chr, row[1 : 1 + row[0]]))
+
+    def __eq__(self, other: Any) -> bool:
+        return tuple(self) == (tuple(other) if isinstance(other, (tuple, SharedTextView)) else other)
+
+    def __repr__(self) -> str:
+        return repr(tuple(self))
+
+    def __deepcopy__(self, memo) -> tuple[str, ...]:
+        return tuple(self)
+
+    def __reduce__(self):
+        return (tuple, (tuple(self),))
+
+
 @read_from_shared_memory.register(UnicodeText)
-def _read(space: UnicodeText, shared_memory, n: int = 1) -> tuple[str, ...]:
-    data = np.frombuffer(shared_memory.get_obj(), dtype=np.int32).reshape((n, space.max_length + 1))
-    return tuple("".join(map(chr, row[1 : 1 + row[0]])) for row in data)
+def _read(space: UnicodeText, shared_memory, n: int = 1) -> SharedTextView:
+    return SharedTextView(space, shared_memory, n)
