@@ -1,0 +1,40 @@
+"""The ``memr2`` command line.
+
+    memr2 train [--preset smoke|quick|tiny|paper] [--algo logo-grpo|grpo] [--out DIR] [--resume]
+    memr2 sft   [--preset smoke|tiny] --out DIR
+    memr2 eval  --agent oracle --data synthetic|locomo:PATH|longmemeval:PATH
+
+Each subcommand lives in its own module, which provides ``add_arguments(parser)`` and
+``run(args) -> int``; they are imported only when used, so ``memr2 eval`` works without torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+COMMANDS = {
+    "train": ("agents.train", "train a policy with LoGo-GRPO or GRPO through the horizon curriculum"),
+    "sft": ("agents.sft", "warm-start a policy by behaviour cloning of the noisy teacher"),
+    "eval": ("agents.evaluate", "evaluate an agent on synthetic tasks, LoCoMo or LongMemEval"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="memr2", description="memory-r2: memory-augmented LLM agents trained with LoGo-GRPO")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (module, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.set_defaults(_module=module)
+        importlib.import_module(module).add_arguments(p)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(importlib.import_module(args._module).run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

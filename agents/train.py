@@ -1,0 +1,366 @@
+"""``memr2 train``: the main job.
+
+On a fresh CPU machine, with no download: generate synthetic train / validation / test tasks,
+build the tiny model and warm-start it from the noisy teacher (or load ``--model PATH``), train
+with LoGo-GRPO (or ``--algo grpo``) through the 8 -> 16 -> 32 horizon curriculum, evaluate on
+the test tasks, and write metrics (JSONL, TensorBoard when installed), PNG learning curves and
+checkpoints under ``--out``. ``--resume`` continues an interrupted run from its last completed
+update step.
+
+Layout of ``--out``::
+
+    config.json            the resolved settings of the run
+    metrics.jsonl          one record per update step and per validation
+    warm_start/            the warm-started tiny model (when no --model is given)
+    checkpoints/checkpoint-<step>/   the latest step (model, optimizer, trainer state, RNGs)
+    stage<i>-best/         the best validation checkpoint of stage i
+    final/                 the policy after the curriculum (best of the last stage)
+    results.json           validation per stage and the test evaluation
+    curves.png             learning curves
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from agents.curriculum import Stage, parse_stages
+
+__all__ = ["TrainPreset", "PRESETS", "add_arguments", "run", "train"]
+
+
+@dataclass(frozen=True)
+class TrainPreset:
+    """Every knob of a training run. Presets are short lists of overrides of these defaults."""
+
+    stages: tuple[Stage, ...] = (Stage(8, 10), Stage(16, 5), Stage(32, 5))
+    """Curriculum: (horizon, update steps) per stage."""
+    n_rollouts: int = 16
+    """Global group size: whole-horizon rollouts per conversation."""
+    tasks_per_step: int = 1
+    """Training conversations per update step."""
+    p_local: float = 0.5
+    """LoGo: probability that a session gets a local group."""
+    m_reruns: int = 4
+    """LoGo: reruns per local group."""
+    max_questions: int = 64
+    """Questions scored on each final memory (global reward)."""
+    local_max_questions: int = 16
+    """Questions scored after a rerun session (local reward)."""
+    lr: float = 2e-6
+    """AdamW learning rate."""
+    epochs: int = 2
+    """Optimizer steps per batch."""
+    micro_batch: int = 16
+    """Rows per forward/backward pass."""
+    kl_coef: float = 0.001
+    """k3 KL to the stage's reference policy."""
+    entropy_coef: float = 0.001
+    """Entropy bonus."""
+    temperature: float = 1.0
+    """Rollout sampling temperature."""
+    max_new_tokens: int = 256
+    """Most tokens per action."""
+    slices_per_session: int = 6
+    """Slices per session (paper: 6)."""
+    n_train: int = 64
+    """Synthetic training conversations."""
+    n_val: int = 8
+    """Held-out validation conversations."""
+    n_test: int = 16
+    """Held-out test conversations."""
+    val_every: int = 0
+    """Validate every this many steps inside a stage (0: only at the end of each stage)."""
+    turns_per_session: int | None = None
+    """Synthetic turns per session (None: the generator's default)."""
+    sft_steps: int = 0
+    """Warm-start steps of behaviour cloning for the tiny model."""
+    sft_batch: int = 32
+    """Warm-start batch size."""
+    sft_lr: float = 2e-3
+    """Warm-start learning rate."""
+    sft_tasks: int = 32
+    """Synthetic conversations the teacher plays for the warm-start data."""
+    teacher_noise: float = 0.3
+    """Mistake rate of the noisy teacher."""
+    tiny_hidden: int = 192
+    """Hidden size of the tiny model."""
+    tiny_layers: int = 4
+    """Layers of the tiny model."""
+    prompt_style: str = "compact"
+    """Role prompts: compact (tiny model) or full (instruct LLMs)."""
+
+
+PRESETS: dict[str, TrainPreset] = {
+    # CI-sized: a couple of minutes end to end.
+    "smoke": TrainPreset(
+        stages=(Stage(2, 1), Stage(3, 1)), n_rollouts=2, m_reruns=2, max_questions=16, local_max_questions=8,
+        lr=1e-4, epochs=1, micro_batch=32, max_new_tokens=96, slices_per_session=2, n_train=4, n_val=1, n_test=2,
+        turns_per_session=6, sft_steps=60, sft_batch=16, sft_tasks=4, teacher_noise=0.3,
+    ),
+    "quick": TrainPreset(
+        stages=(Stage(4, 3), Stage(8, 2)), n_rollouts=4, m_reruns=3, max_questions=32, local_max_questions=8,
+        lr=5e-5, epochs=2, micro_batch=32, max_new_tokens=128, slices_per_session=3, n_train=16, n_val=2, n_test=4,
+        sft_steps=400, sft_batch=32, sft_tasks=16,
+    ),
+    # The default: the whole curriculum on this 2-core machine well within an hour.
+    "tiny": TrainPreset(
+        stages=(Stage(8, 4), Stage(16, 2), Stage(32, 2)), n_rollouts=4, m_reruns=4, max_questions=32,
+        local_max_questions=16, lr=5e-5, epochs=2, micro_batch=32, max_new_tokens=128, slices_per_session=3,
+        n_train=32, n_val=2, n_test=4, sft_steps=800, sft_batch=32, sft_tasks=24,
+    ),
+    # The paper's settings, for a 7B instruct model on GPUs (use with --model PATH).
+    "paper": TrainPreset(prompt_style="full", sft_steps=0),
+}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", choices=sorted(PRESETS), default="tiny", help="run size (default: tiny)")
+    p.add_argument("--algo", choices=("logo-grpo", "grpo"), default="logo-grpo", help="trainer (default: logo-grpo)")
+    p.add_argument("--out", type=Path, default=None, help="run directory (default: runs/<preset>-<algo>-s<seed>)")
+    p.add_argument("--model", type=Path, default=None, help="local HF checkpoint to train instead of the tiny default")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--seed", type=int, default=0, help="seed for tasks, sampling and the model")
+    p.add_argument("--stages", type=str, default=None, help="curriculum override, e.g. '8:10,16:5,32:5'")
+    p.add_argument("--no-curriculum", action="store_true", help="train at the last stage's horizon for all steps")
+    p.add_argument("--n-rollouts", type=int, default=None, help="override the global group size")
+    p.add_argument("--device", default="cpu", help="torch device (cpu, cuda)")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def run(args: argparse.Namespace) -> int:
+    preset = PRESETS[args.preset]
+    if args.stages:
+        preset = replace(preset, stages=parse_stages(args.stages))
+    if args.no_curriculum:
+        preset = replace(preset, stages=(Stage(preset.stages[-1].horizon, sum(s.steps for s in preset.stages)),))
+    if args.n_rollouts:
+        preset = replace(preset, n_rollouts=args.n_rollouts)
+    out = args.out or Path("runs") / f"{args.preset}-{args.algo}-s{args.seed}"
+    result = train(
+        preset, out=out, algo=args.algo, model_path=args.model, resume=args.resume, seed=args.seed,
+        device=args.device, progress=not args.no_progress, preset_name=args.preset,
+    )
+    test = result["test"]
+    print(f"test F1 {test['f1']:.3f}  (memory {test['memory_size']:.1f} entries, parse errors {test['parse_error_rate']:.1%})")
+    print(f"results: {Path(out) / 'results.json'}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def _task_seeds(seed: int, preset: TrainPreset) -> dict[str, list[int]]:
+    """Disjoint synthetic task seeds for train / validation / test, fixed by the run seed."""
+    base = 1_000_000 * (seed + 1)
+    return {
+        "train": [base + i for i in range(preset.n_train)],
+        "val": [base + 100_000 + i for i in range(preset.n_val)],
+        "test": [base + 200_000 + i for i in range(preset.n_test)],
+        "sft": [base + 300_000 + i for i in range(preset.sft_tasks)],
+    }
+
+
+def make_env_fn(preset: TrainPreset, horizon: int, task_seeds: list[int]):
+    """A factory of training/evaluation envs over the given synthetic tasks."""
+    import gymnasium as gym
+
+    import memenv  # noqa: F401  (registers MemSession-v0)
+    from memenv.data.synthetic import SyntheticConfig
+
+    cfg = SyntheticConfig()
+    if preset.turns_per_session:
+        cfg = replace(cfg, turns_per_session=preset.turns_per_session)
+
+    def env_fn():
+        return gym.make(
+            "MemSession-v0", horizon=horizon, task_seeds=task_seeds, synthetic_config=cfg,
+            reward_mode="final", slices_per_session=preset.slices_per_session,
+        )
+
+    return env_fn
+
+
+def _load_policy(path: Path, preset: TrainPreset, device: str):
+    from agents.policy import SharedPolicy
+
+    return SharedPolicy.from_pretrained(path, device=device, prompt_style=preset.prompt_style)
+
+
+def train(
+    preset: TrainPreset,
+    *,
+    out: Path,
+    algo: str = "logo-grpo",
+    model_path: Path | None = None,
+    resume: bool = False,
+    seed: int = 0,
+    device: str = "cpu",
+    progress: bool = True,
+    preset_name: str = "custom",
+) -> dict[str, Any]:
+    """Run the whole job and return the contents of ``results.json``."""
+    import torch
+
+    from agents.checkpoint import checkpoint_path, latest_checkpoint, load_checkpoint, save_checkpoint
+    from agents.curriculum import validate
+    from agents.grpo import GRPO, GRPOConfig
+    from agents.logging import MetricsLogger, plot_curves
+    from agents.logo_grpo import LoGoConfig, LoGoGRPO
+    from agents.rollout import RolloutEngine
+    from agents.update import UpdateConfig
+
+    out = Path(out)
+    ckpt_dir = out / "checkpoints"
+    last = latest_checkpoint(ckpt_dir)
+    if last is not None and not resume:
+        raise SystemExit(f"{out} already holds a run; pass --resume to continue it or choose another --out")
+    if resume and last is None and (out / "results.json").exists():
+        raise SystemExit(f"{out} holds a finished run; nothing to resume")
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    seeds = _task_seeds(seed, preset)
+    settings = {"preset": preset_name, "algo": algo, "seed": seed, "model": str(model_path) if model_path else None, **_jsonable(asdict(preset))}
+    if not resume or not (out / "config.json").exists():
+        (out / "config.json").write_text(json.dumps(settings, indent=2))
+
+    # 1. The starting policy: a local checkpoint, or the tiny model warm-started from the teacher.
+    if model_path is not None:
+        start_path = Path(model_path)
+    else:
+        start_path = out / "warm_start"
+        if not (start_path / "config.json").exists():
+            from agents.sft import warm_start
+
+            warm_start(start_path, preset, seed=seed, task_seeds=seeds["sft"], eval_seeds=seeds["val"], progress=progress)
+
+    state: dict[str, Any] = {"stage": 0, "step": 0, "global_step": 0, "stage_start": str(start_path), "best": None, "validation": [], "generated_tokens": 0, "trainer_rng": None}
+    policy = None
+    optimizer_state = None
+    if last is not None:
+        ck = load_checkpoint(last, load_model=False)
+        state = ck["trainer_state"]
+        optimizer_state = ck["optimizer"]
+        policy = _load_policy(last, preset, device)
+        from agents.checkpoint import restore_rng_state
+
+        restore_rng_state(ck["rng_state"])
+        print(f"resuming from {last} (stage {state['stage'] + 1}, step {state['step']})")
+    if policy is None:
+        policy = _load_policy(Path(state["stage_start"]), preset, device)
+
+    logger = MetricsLogger(out)
+    trainer_cls, cfg_cls = (LoGoGRPO, LoGoConfig) if algo == "logo-grpo" else (GRPO, GRPOConfig)
+    update_cfg = UpdateConfig(
+        lr=preset.lr, epochs=preset.epochs, micro_batch=preset.micro_batch, kl_coef=preset.kl_coef,
+        entropy_coef=preset.entropy_coef, temperature=preset.temperature,
+    )
+    extra = {"p_local": preset.p_local, "m_reruns": preset.m_reruns, "local_max_questions": preset.local_max_questions} if algo == "logo-grpo" else {}
+    cfg = cfg_cls(
+        n_rollouts=preset.n_rollouts, tasks_per_step=preset.tasks_per_step, max_questions=preset.max_questions,
+        max_new_tokens=preset.max_new_tokens, update=update_cfg, **extra,
+    )
+
+    # 2. The curriculum.
+    for stage_idx, stage in enumerate(preset.stages):
+        if stage_idx < state["stage"]:
+            continue
+        env_fn = make_env_fn(preset, stage.horizon, seeds["train"])
+        val_fn = make_env_fn(preset, stage.horizon, seeds["val"])
+        ref = _load_policy(Path(state["stage_start"]), preset, device) if preset.kl_coef > 0 else None
+        if ref is not None:
+            ref.model.eval().requires_grad_(False)
+        engine = RolloutEngine(policy, env_fn, temperature=preset.temperature, max_new_tokens=preset.max_new_tokens, progress=progress)
+        trainer = trainer_cls(policy, engine, env_fn().unwrapped, cfg, ref_policy=ref, seed=seed * 1000 + stage_idx)
+        trainer.generated_tokens = state["generated_tokens"]
+        if optimizer_state is not None and state["step"] > 0:
+            trainer.optimizer.load_state_dict(optimizer_state)
+        if state["trainer_rng"] is not None:
+            trainer.rng.bit_generator.state = state["trainer_rng"]
+        optimizer_state = None
+        steps = range(state["step"], stage.steps)
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=stage.steps, initial=state["step"], desc=f"stage {stage_idx + 1}/{len(preset.stages)} (horizon {stage.horizon})", unit="step")
+        for step in steps:
+            tasks = trainer.rng.choice(len(seeds["train"]), size=min(cfg.tasks_per_step, len(seeds["train"])), replace=False)
+            metrics = trainer.step([int(t) for t in tasks], state["global_step"])
+            state.update(step=step + 1, global_step=state["global_step"] + 1, generated_tokens=trainer.generated_tokens,
+                         trainer_rng=trainer.rng.bit_generator.state)
+            logger.log(state["global_step"], {"stage": stage_idx, "horizon": stage.horizon, **metrics})
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(f1=f"{metrics['global/f1']:.3f}", rows=int(metrics.get("update/rows", 0)))
+            if preset.val_every and (step + 1) % preset.val_every == 0 and step + 1 < stage.steps:
+                _validate_and_keep(policy, val_fn, seeds["val"], preset, state, stage_idx, stage, logger, out)
+            # Checkpoint every step: a killed run loses at most the unfinished step.
+            save_checkpoint(checkpoint_path(ckpt_dir, state["global_step"]), policy.model, policy.tokenizer, _jsonable(state), trainer.optimizer)
+            _prune(ckpt_dir, keep=state["global_step"])
+        if bar is not None:
+            bar.close()
+        _validate_and_keep(policy, val_fn, seeds["val"], preset, state, stage_idx, stage, logger, out)
+        # The best checkpoint of the stage starts the next one and is its KL reference.
+        best_path = out / f"stage{stage_idx}-best"
+        policy = _load_policy(best_path, preset, device)
+        state.update(stage=stage_idx + 1, step=0, stage_start=str(best_path), best=None, trainer_rng=None)
+        save_checkpoint(checkpoint_path(ckpt_dir, state["global_step"]), policy.model, policy.tokenizer, _jsonable(state))
+
+    # 3. The final policy and the test evaluation.
+    final = out / "final"
+    if final.exists():
+        shutil.rmtree(final)
+    shutil.copytree(state["stage_start"], final)
+    horizon = preset.stages[-1].horizon
+    test = validate(policy, make_env_fn(preset, horizon, seeds["test"]), range(len(seeds["test"])), max_new_tokens=preset.max_new_tokens, seed=seed)
+    logger.log(state["global_step"], {f"test/{k}": v for k, v in test.items()})
+    logger.close()
+    results = {"settings": settings, "validation": state["validation"], "test": test, "generated_tokens": state["generated_tokens"]}
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    plot_curves(out / "metrics.jsonl", out / "curves.png", keys=["global/f1", "local/f1", "val/f1", "update/loss", "global/memory_size", "parse_error_rate"])
+    return results
+
+
+def _validate_and_keep(policy, val_fn, val_seeds, preset, state, stage_idx, stage, logger, out) -> None:
+    from agents.checkpoint import save_checkpoint
+    from agents.curriculum import validate
+
+    val = validate(policy, val_fn, range(len(val_seeds)), max_new_tokens=preset.max_new_tokens)
+    record = {"stage": stage_idx, "horizon": stage.horizon, "step": state["step"], **val}
+    state["validation"].append(record)
+    logger.log(state["global_step"], {f"val/{k}": v for k, v in val.items()})
+    best_path = out / f"stage{stage_idx}-best"
+    if state["best"] is None or val["f1"] > state["best"] or not best_path.exists():
+        state["best"] = val["f1"]
+        save_checkpoint(best_path, policy.model, policy.tokenizer, {"stage": stage_idx, "step": state["step"], "val": val})
+
+
+def _prune(ckpt_dir: Path, keep: int) -> None:
+    """Keep only the newest numbered checkpoint."""
+    for child in ckpt_dir.glob("checkpoint-*"):
+        try:
+            step = int(child.name.split("-", 1)[1])
+        except ValueError:
+            continue
+        if step < keep:
+            shutil.rmtree(child, ignore_errors=True)
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if hasattr(obj, "__dataclass_fields__"):
+        return _jsonable(asdict(obj))
+    if hasattr(obj, "item") and not isinstance(obj, (str, bytes)):
+        try:
+            return obj.item()
+        except (ValueError, TypeError):
+            return str(obj)
+    return obj
