@@ -12,6 +12,7 @@ the penalty instead. Advantages are normalised within the ``n`` rollouts of the 
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -155,11 +156,15 @@ class GRPO:
 
     def step(self, tasks: Sequence[int], step: int) -> dict[str, float]:
         """Collect rollouts for ``tasks``, compute advantages, and update the policy."""
+        start = time.perf_counter()
         before = self.engine.timing["generated_tokens"]
         seed = self.seed * 100_003 + step
         rows, metrics = self.collect(tasks, seed)
+        rollout_s = time.perf_counter() - start
         update = policy_update(self.policy, self.optimizer, rows, self.config.update, ref_policy=self.ref_policy, seed=seed)
         self.generated_tokens += self.engine.timing["generated_tokens"] - before
         metrics.update({f"update/{k}": v for k, v in update.items()})
         metrics["generated_tokens"] = float(self.generated_tokens)
+        metrics["time/rollout_s"] = rollout_s
+        metrics["time/step_s"] = time.perf_counter() - start
         return metrics

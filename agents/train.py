@@ -238,7 +238,7 @@ def train(
 
             warm_start(start_path, preset, seed=seed, task_seeds=seeds["sft"], eval_seeds=seeds["val"], progress=progress)
 
-    state: dict[str, Any] = {"stage": 0, "step": 0, "global_step": 0, "stage_start": str(start_path), "best": None, "validation": [], "generated_tokens": 0, "trainer_rng": None}
+    state: dict[str, Any] = {"prompt_style": preset.prompt_style, "stage": 0, "step": 0, "global_step": 0, "stage_start": str(start_path), "best": None, "validation": [], "generated_tokens": 0, "trainer_rng": None}
     policy = None
     optimizer_state = None
     if last is not None:
@@ -331,13 +331,13 @@ def _validate_and_keep(policy, val_fn, val_seeds, preset, state, stage_idx, stag
     from agents.curriculum import validate
 
     val = validate(policy, val_fn, range(len(val_seeds)), max_new_tokens=preset.max_new_tokens)
-    record = {"stage": stage_idx, "horizon": stage.horizon, "step": state["step"], **val}
+    record = {"stage": stage_idx, "horizon": stage.horizon, "step": state["step"], "train_generated_tokens": state["generated_tokens"], **val}
     state["validation"].append(record)
     logger.log(state["global_step"], {f"val/{k}": v for k, v in val.items()})
     best_path = out / f"stage{stage_idx}-best"
     if state["best"] is None or val["f1"] > state["best"] or not best_path.exists():
         state["best"] = val["f1"]
-        save_checkpoint(best_path, policy.model, policy.tokenizer, {"stage": stage_idx, "step": state["step"], "val": val})
+        save_checkpoint(best_path, policy.model, policy.tokenizer, {"stage": stage_idx, "step": state["step"], "val": val, "prompt_style": preset.prompt_style})
 
 
 def _prune(ckpt_dir: Path, keep: int) -> None:
