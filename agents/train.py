@@ -109,9 +109,9 @@ PRESETS: dict[str, TrainPreset] = {
     ),
     # The default: the whole curriculum on this 2-core machine well within an hour.
     "tiny": TrainPreset(
-        stages=(Stage(8, 4), Stage(16, 2), Stage(32, 2)), n_rollouts=4, m_reruns=4, max_questions=32,
+        stages=(Stage(8, 3), Stage(16, 2), Stage(32, 1)), n_rollouts=4, m_reruns=4, max_questions=32,
         local_max_questions=16, lr=5e-5, epochs=2, micro_batch=32, max_new_tokens=128, slices_per_session=3,
-        n_train=32, n_val=2, n_test=4, sft_steps=800, sft_batch=32, sft_tasks=24,
+        n_train=32, n_val=2, n_test=4, sft_steps=400, sft_batch=32, sft_tasks=24,
     ),
     # The paper's settings, for a 7B instruct model on GPUs (use with --model PATH).
     "paper": TrainPreset(prompt_style="full", sft_steps=0),
