@@ -1,0 +1,609 @@
+"""Warm start: behaviour cloning of the noisy teacher into the embedded tiny model.
+
+A randomly initialised tiny model emits no valid JSON, so RL from scratch would see only parse
+errors and zero rewards. ``memr2 train`` therefore first teaches it the two action formats by
+supervised fine-tuning on what :class:`~agents.baselines.NoisyTeacher` does on synthetic tasks:
+
+1. :func:`teacher_examples` plays the teacher through the real ``MemSession-v0`` env and records
+   every ``(role, observation text, action)``: exactly the observations the policy will see.
+2. :func:`behaviour_clone` trains the policy with cross-entropy on the assistant tokens only
+   (AdamW, short linear warmup then cosine decay, gradient clipping).
+3. :func:`warm_start` builds the tiny model, measures the valid-JSON rate of greedy samples on
+   held-out observations before and after training, compares the warmed model's env score with
+   the teacher's and the oracle's on the same tasks, and saves a plain ``save_pretrained``
+   directory plus ``sft_report.json``.
+
+The teacher makes mistakes on purpose (``preset.teacher_noise``): a warmed model that imitates it
+scores below the oracle, which leaves room for RL to improve on the teacher.
+
+Command line (``memr2 sft``)::
+
+    memr2 sft --preset tiny --out runs/warm_start
+
+torch and transformers are imported inside the functions that need them, so the ``memr2`` CLI can
+import this module without them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable, NamedTuple, Sequence
+
+import numpy as np
+
+__all__ = [
+    "Example",
+    "sft_horizon",
+    "teacher_examples",
+    "collate",
+    "masked_lm_loss",
+    "behaviour_clone",
+    "valid_json_rate",
+    "agent_final_score",
+    "warm_start",
+    "add_arguments",
+    "run",
+    "MIN_SFT_HORIZON",
+    "REPORT_NAME",
+]
+
+IGNORE_INDEX = -100
+"""Label of the tokens that do not contribute to the loss (prompt and padding)."""
+
+MIN_SFT_HORIZON = 8
+"""Fewest sessions per teacher episode, so that even CI presets with 2- or 3-session curricula get
+manager observations with non-empty candidate lists (memories from earlier sessions)."""
+
+REPORT_NAME = "sft_report.json"
+"""The report file written next to the warmed model."""
+
+
+class Example(NamedTuple):
+    """One behaviour-cloning example: the teacher's ``action`` for an observation."""
+
+    role: int
+    text: str
+    action: str
+
+
+# ------------------------------------------------------------------------------------ data
+
+
+def sft_horizon(preset) -> int:
+    """Sessions per teacher episode for the warm-start data of ``preset``.
+
+    The longest horizon of the curriculum (at least :data:`MIN_SFT_HORIZON`): the warmed model
+    then has seen manager prompts with as many candidate memories as it will meet in the last
+    stage, not only the short memories of the first stage.
+    """
+    return max(MIN_SFT_HORIZON, max(stage.horizon for stage in preset.stages))
+
+
+def teacher_examples(preset, task_seeds: Sequence[int], *, horizon: int, noise: float, seed: int) -> list[Example]:
+    """Play the noisy teacher on every synthetic task and record each decision.
+
+    Each task ``i`` of ``task_seeds`` is played once from ``reset(options={"task": i})`` in the
+    env that :func:`agents.train.make_env_fn` builds for ``preset`` and ``horizon``. Every step
+    yields one :class:`Example` with the observation's role and text and the action string the
+    teacher sent. The teacher is a deterministic function of what it sees and of ``seed``, and
+    the synthetic tasks are fixed by their seeds, so the same arguments give the same list.
+
+    Args:
+        preset: a :class:`agents.train.TrainPreset` (slices, turns per session...).
+        task_seeds: synthetic task seeds to play.
+        horizon: sessions per episode.
+        noise: the teacher's mistake rate (usually ``preset.teacher_noise``).
+        seed: the teacher's seed (which mistakes it makes).
+    """
+    from agents.baselines import NoisyTeacher
+    from agents.train import make_env_fn
+
+    teacher = NoisyTeacher(noise=noise, seed=seed)
+    env = make_env_fn(preset, horizon, list(task_seeds))()
+    examples: list[Example] = []
+    try:
+        for task in range(len(task_seeds)):
+            obs, info = env.reset(options={"task": task})
+            done = False
+            while not done:
+                action = teacher.act(obs, info)
+                examples.append(Example(int(obs["role"]), obs["text"], action))
+                obs, _, terminated, truncated, info = env.step(action)
+                done = terminated or truncated
+    finally:
+        env.close()
+    return examples
+
+
+def _probe_examples(examples: Sequence[Example], per_role: int, seed: int) -> list[Example]:
+    """A seeded subset of at most ``per_role`` examples of each role, in a stable order."""
+    rng = np.random.default_rng([seed, 7919])
+    chosen: list[Example] = []
+    for role in (0, 1):
+        pool = [e for e in examples if e.role == role]
+        if len(pool) > per_role:
+            keep = sorted(rng.choice(len(pool), per_role, replace=False))
+            pool = [pool[i] for i in keep]
+        chosen.extend(pool)
+    return chosen
+
+
+# ------------------------------------------------------------------------------- training
+
+
+def collate(rows: Sequence[tuple[Sequence[int], Sequence[int]]], pad_id: int):
+    """Right-pad ``(input_ids, mask)`` pairs into a training batch.
+
+    Args:
+        rows: pairs from :meth:`agents.policy.SharedPolicy.training_example`; ``mask`` is 1 on
+            the tokens to learn (the assistant reply and its stop token).
+        pad_id: the padding token id.
+
+    Returns:
+        ``(input_ids, attention_mask, labels)`` long tensors of shape ``(batch, longest row)``;
+        ``labels`` holds the token id where the mask is 1 and :data:`IGNORE_INDEX` on prompt
+        tokens and padding.
+    """
+    import torch
+
+    width = max(len(ids) for ids, _ in rows)
+    input_ids = torch.full((len(rows), width), int(pad_id), dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+    for row, (ids, mask) in enumerate(rows):
+        if len(ids) != len(mask):
+            raise ValueError(f"row {row}: {len(ids)} ids but {len(mask)} mask entries")
+        ids_t = torch.as_tensor(list(ids), dtype=torch.long)
+        mask_t = torch.as_tensor(list(mask), dtype=torch.bool)
+        input_ids[row, : len(ids)] = ids_t
+        attention_mask[row, : len(ids)] = 1
+        labels[row, : len(ids)] = torch.where(mask_t, ids_t, torch.full_like(ids_t, IGNORE_INDEX))
+    return input_ids, attention_mask, labels
+
+
+def masked_lm_loss(logits, labels):
+    """Mean next-token cross-entropy over the labelled tokens of a batch.
+
+    The logits at position ``t`` predict the token at ``t + 1``; positions whose next label is
+    :data:`IGNORE_INDEX` (prompt, padding) contribute nothing. Every labelled token of the batch
+    has the same weight (a token mean, not a mean of per-row means).
+    """
+    import torch.nn.functional as F
+
+    predictions = logits[:, :-1, :].float()
+    targets = labels[:, 1:]
+    return F.cross_entropy(
+        predictions.reshape(-1, predictions.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX
+    )
+
+
+def _batch_order(lengths: Sequence[int], batch_size: int, steps: int, seed: int) -> list[list[int]]:
+    """Indices of the examples in each of ``steps`` batches: seeded and length-grouped.
+
+    Epochs walk through a fresh permutation of the data. Each window of 8 batches of that
+    permutation is sorted by length and cut into batches, and those batches are shuffled, so a
+    batch holds rows of similar length (less padding) while the data order stays random.
+    """
+    n = len(lengths)
+    if n == 0:
+        raise ValueError("no training examples")
+    batch_size = min(batch_size, n)
+    rng = np.random.default_rng([seed, 104729])
+    batches: list[list[int]] = []
+    while len(batches) < steps:
+        perm = rng.permutation(n)
+        window = 8 * batch_size
+        for start in range(0, n - batch_size + 1, window):
+            chunk = sorted(perm[start : start + window].tolist(), key=lambda i: lengths[i])
+            group = [chunk[i : i + batch_size] for i in range(0, len(chunk) - batch_size + 1, batch_size)]
+            batches.extend(group[j] for j in rng.permutation(len(group)))
+    return batches[:steps]
+
+
+def _lr_factor(step: int, steps: int, warmup: int, floor: float = 0.1) -> float:
+    """Linear warmup over ``warmup`` steps, then cosine decay from 1 to ``floor``."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, steps - warmup)
+    return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def behaviour_clone(
+    policy,
+    examples: Sequence[Example],
+    *,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    seed: int = 0,
+    progress: bool = True,
+    weight_decay: float = 0.01,
+    warmup: int | None = None,
+    max_grad_norm: float = 1.0,
+    callback: Callable[[int, dict], None] | None = None,
+) -> dict[str, Any]:
+    """Supervised fine-tuning of ``policy`` on the teacher's actions (in place).
+
+    Each example becomes ``policy.training_example(role, text, action)``: the prompt exactly as
+    the policy renders it for generation, followed by the action and the stop token; only the
+    latter are learned (:func:`masked_lm_loss`). Batches are drawn by :func:`_batch_order` from
+    ``seed``, right-padded, and trained with AdamW, a linear warmup (default: 5% of the steps,
+    at most 50) followed by a cosine decay to a tenth of ``lr``, and gradient clipping.
+    ``callback(step, history)``, if given, runs after every optimizer step (``step`` counts from
+    1); it may evaluate the model, which is put back in training mode afterwards.
+
+    Returns:
+        ``{"loss": [per step], "lr": [per step], "steps", "examples", "trained_tokens",
+        "wall_s"}``.
+    """
+    import torch
+
+    if steps < 0:
+        raise ValueError(f"steps must be >= 0, got {steps}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    rows = [policy.training_example(e.role, e.text, e.action) for e in examples]
+    model = policy.model
+    device = model.device
+    warmup = max(1, min(50, steps // 20)) if warmup is None else max(1, warmup)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _lr_factor(s, steps, warmup))
+    history: dict[str, Any] = {"loss": [], "lr": [], "steps": steps, "examples": len(rows), "trained_tokens": 0}
+    bar = None
+    if progress and steps:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=steps, desc="warm start (behaviour cloning)", unit="step")
+    start = time.perf_counter()
+    smoothed = None
+    was_training = model.training
+    model.train()
+    try:
+        for batch in _batch_order([len(ids) for ids, _ in rows], batch_size, steps, seed):
+            input_ids, attention_mask, labels = collate([rows[i] for i in batch], policy.pad_id)
+            input_ids, attention_mask, labels = input_ids.to(device), attention_mask.to(device), labels.to(device)
+            logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+            loss = masked_lm_loss(logits, labels)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+            history["lr"].append(optimizer.param_groups[0]["lr"])
+            optimizer.step()
+            scheduler.step()
+            value = float(loss.detach())
+            history["loss"].append(value)
+            history["trained_tokens"] += int((labels != IGNORE_INDEX).sum())
+            smoothed = value if smoothed is None else 0.9 * smoothed + 0.1 * value
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{smoothed:.3f}", lr=f"{history['lr'][-1]:.1e}")
+            if callback is not None:
+                callback(len(history["loss"]), history)
+                model.train()
+    finally:
+        model.train(was_training)
+        if bar is not None:
+            bar.close()
+    history["wall_s"] = time.perf_counter() - start
+    return history
+
+
+# ----------------------------------------------------------------------------- measuring
+
+
+def _parses(role: int, text: str) -> bool:
+    """Whether ``text`` is a readable action for ``role`` (no ``parse_error`` in the env)."""
+    from memenv.actions import parse_facts, parse_operations
+
+    parser = parse_facts if role == 0 else parse_operations
+    return parser(text).error is None
+
+
+def _same_json(text: str, reference: str) -> bool:
+    """Whether two action strings hold the same JSON value."""
+    try:
+        return json.loads(text) == json.loads(reference)
+    except (ValueError, TypeError):
+        return False
+
+
+def valid_json_rate(
+    policy, probes: Sequence[Example], *, max_new_tokens: int, batch_size: int = 32
+) -> dict[str, Any]:
+    """Greedy actions of ``policy`` on ``probes``: how often they parse, per role and overall.
+
+    An action is valid when the env's tolerant parser for its role reads it without a
+    ``parse_error`` (``parse_facts`` for the extractor, ``parse_operations`` for the manager).
+    Also reported: ``exact`` (the JSON equals the teacher's) and ``truncated`` (the action hit
+    ``max_new_tokens`` before its stop token), each per role.
+    """
+    from agents.prompts import ROLES
+
+    valid: dict[int, list[bool]] = {0: [], 1: []}
+    exact: dict[int, list[bool]] = {0: [], 1: []}
+    truncated: dict[int, list[bool]] = {0: [], 1: []}
+    for start in range(0, len(probes), batch_size):
+        chunk = probes[start : start + batch_size]
+        generations = policy.generate(
+            [{"role": e.role, "text": e.text} for e in chunk], temperature=0.0, max_new_tokens=max_new_tokens
+        )
+        for example, gen in zip(chunk, generations):
+            valid[example.role].append(_parses(example.role, gen.text))
+            exact[example.role].append(_same_json(gen.text, example.action))
+            truncated[example.role].append(gen.finish_reason == "length")
+
+    def rate(values: list[bool]) -> float | None:
+        return float(np.mean(values)) if values else None
+
+    everything = valid[0] + valid[1]
+    return {
+        "valid_json": rate(everything),
+        "n": len(everything),
+        **{f"valid_json/{ROLES[r]}": rate(valid[r]) for r in (0, 1)},
+        **{f"exact/{ROLES[r]}": rate(exact[r]) for r in (0, 1)},
+        **{f"truncated/{ROLES[r]}": rate(truncated[r]) for r in (0, 1)},
+    }
+
+
+def agent_final_score(agent, env_fn: Callable, tasks: Sequence[int]) -> dict[str, float]:
+    """Score a scripted agent exactly as :func:`agents.curriculum.validate` scores a policy.
+
+    One episode per task from ``reset(options={"task": t})``; then the final memory answers
+    every question valid at the end of the horizon (``questions_for(mode="final",
+    max_questions=None)``). ``f1`` is the mean over tasks of each episode's mean F1; also
+    ``penalty``, ``reward`` and ``memory_size``, averaged the same way.
+    """
+    from agents.evaluate import play_episode
+
+    env = env_fn()
+    f1, penalty, size = [], [], []
+    try:
+        for task in tasks:
+            play_episode(env, agent, options={"task": int(task)})
+            scorer = env.unwrapped
+            qa = scorer.score_questions(scorer.questions_for(mode="final", max_questions=None))
+            f1.append(float(np.mean([q["f1"] for q in qa])) if qa else 0.0)
+            penalty.append(scorer.bloat_penalty())
+            size.append(len(scorer.save_state().bank))
+    finally:
+        env.close()
+    return {
+        "f1": float(np.mean(f1)),
+        "penalty": float(np.mean(penalty)),
+        "reward": float(np.mean(f1) - np.mean(penalty)),
+        "memory_size": float(np.mean(size)),
+    }
+
+
+def _length_stats(policy, examples: Sequence[Example], max_new_tokens: int) -> dict[str, Any]:
+    """Token lengths (prompt + reply, and the reply with its stop token) per role, and the share
+    of teacher actions that ``max_new_tokens`` would cut."""
+    from agents.prompts import ROLES
+
+    stats: dict[str, Any] = {}
+    for role in (0, 1):
+        totals, replies = [], []
+        for e in examples:
+            if e.role == role:
+                ids, mask = policy.training_example(e.role, e.text, e.action)
+                totals.append(len(ids))
+                replies.append(sum(mask))
+        if not replies:
+            continue
+        name = ROLES[role]
+        stats[name] = {
+            "examples": len(replies),
+            "sequence_p50": float(np.percentile(totals, 50)),
+            "sequence_max": int(max(totals)),
+            "reply_p50": float(np.percentile(replies, 50)),
+            "reply_p90": float(np.percentile(replies, 90)),
+            "reply_p99": float(np.percentile(replies, 99)),
+            "reply_max": int(max(replies)),
+            "reply_over_max_new_tokens": float(np.mean([r > max_new_tokens for r in replies])),
+        }
+    return stats
+
+
+# ----------------------------------------------------------------------------- warm start
+
+
+def warm_start(
+    out_dir: str | Path,
+    preset,
+    *,
+    seed: int,
+    task_seeds: Sequence[int],
+    eval_seeds: Sequence[int],
+    progress: bool = True,
+    steps: int | None = None,
+    probes_per_role: int = 64,
+    horizon: int | None = None,
+    device: str = "cpu",
+) -> dict[str, Any]:
+    """Build the tiny model, clone the noisy teacher into it, measure it and save it.
+
+    Steps: (1) the teacher plays ``task_seeds`` (the training data) and ``eval_seeds`` (held-out
+    probe observations) for :func:`sft_horizon` sessions;
+    (2) the tiny model (``preset.tiny_hidden`` x ``preset.tiny_layers``, weights seeded by
+    ``seed``) is built in a temporary directory and loaded as a
+    :class:`~agents.policy.SharedPolicy`; (3) the valid-JSON rate of its greedy actions on the
+    probes is measured before and after :func:`behaviour_clone` with ``preset.sft_steps``,
+    ``preset.sft_batch`` and ``preset.sft_lr``; (4) the warmed policy is validated on
+    ``eval_seeds`` at the first stage's horizon (:func:`agents.curriculum.validate`, final-mode
+    F1) next to the teacher, the oracle and an agent with no memory, all scored the same way;
+    (5) model, tokenizer and ``sft_report.json`` are written atomically to ``out_dir``, which
+    loads offline with plain ``AutoModelForCausalLM`` / ``AutoTokenizer.from_pretrained``.
+
+    Args:
+        out_dir: the output directory (replaced atomically if it exists).
+        preset: a :class:`agents.train.TrainPreset`.
+        seed: model initialisation, teacher mistakes and batch order.
+        task_seeds: synthetic tasks for the training data.
+        eval_seeds: held-out synthetic tasks for the probes and the env score.
+        progress: show tqdm bars.
+        steps: override ``preset.sft_steps``.
+        probes_per_role: held-out observations per role for the valid-JSON rate.
+        horizon: override the teacher's horizon for the training data.
+        device: torch device for training.
+
+    Returns:
+        The report (also saved as ``sft_report.json``).
+    """
+    import torch
+
+    from agents.baselines import NoMemoryAgent, NoisyTeacher, OracleAgent
+    from agents.checkpoint import atomic_write_dir
+    from agents.curriculum import validate
+    from agents.policy import SharedPolicy
+    from agents.tiny import build_tiny_model
+    from agents.train import make_env_fn
+
+    started = time.perf_counter()
+    steps = preset.sft_steps if steps is None else int(steps)
+    data_horizon = sft_horizon(preset) if horizon is None else int(horizon)
+    eval_horizon = preset.stages[0].horizon
+    max_new_tokens = preset.max_new_tokens
+
+    examples = teacher_examples(preset, task_seeds, horizon=data_horizon, noise=preset.teacher_noise, seed=seed)
+    held_out = teacher_examples(preset, eval_seeds, horizon=data_horizon, noise=preset.teacher_noise, seed=seed)
+    probes = _probe_examples(held_out, probes_per_role, seed)
+
+    with tempfile.TemporaryDirectory(prefix="memr2-tiny-") as tmp:
+        build_tiny_model(tmp, seed=seed, hidden_size=preset.tiny_hidden, num_layers=preset.tiny_layers)
+        policy = SharedPolicy.from_pretrained(tmp, device=device, prompt_style=preset.prompt_style)
+    parameters = sum(p.numel() for p in policy.model.parameters())
+    lengths = _length_stats(policy, examples, max_new_tokens)
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        before = valid_json_rate(policy, probes, max_new_tokens=max_new_tokens)
+        history = behaviour_clone(
+            policy, examples, steps=steps, batch_size=preset.sft_batch, lr=preset.sft_lr, seed=seed, progress=progress
+        )
+        after = valid_json_rate(policy, probes, max_new_tokens=max_new_tokens)
+
+        eval_env_fn = make_env_fn(preset, eval_horizon, list(eval_seeds))
+        tasks = range(len(eval_seeds))
+        eval_start = time.perf_counter()
+        model_score = validate(policy, eval_env_fn, tasks, max_new_tokens=max_new_tokens, seed=seed)
+        eval_s = time.perf_counter() - eval_start
+    teacher_score = agent_final_score(NoisyTeacher(noise=preset.teacher_noise, seed=seed), eval_env_fn, tasks)
+    oracle_score = agent_final_score(OracleAgent(), eval_env_fn, tasks)
+    empty_score = agent_final_score(NoMemoryAgent(), eval_env_fn, tasks)
+
+    losses = history["loss"]
+    tail = losses[-max(1, len(losses) // 10) :] if losses else []
+    report: dict[str, Any] = {
+        "seed": seed,
+        "steps": steps,
+        "batch_size": preset.sft_batch,
+        "lr": preset.sft_lr,
+        "teacher_noise": preset.teacher_noise,
+        "model": {"hidden_size": preset.tiny_hidden, "num_layers": preset.tiny_layers, "parameters": parameters},
+        "data": {
+            "train_tasks": len(task_seeds),
+            "train_horizon": data_horizon,
+            "examples": len(examples),
+            "examples_by_role": {"extractor": sum(e.role == 0 for e in examples), "manager": sum(e.role == 1 for e in examples)},
+            "trained_tokens": history["trained_tokens"],
+            "token_lengths": lengths,
+        },
+        "valid_json_before": before,
+        "valid_json_after": after,
+        "loss_first": losses[0] if losses else None,
+        "loss_last": float(np.mean(tail)) if tail else None,
+        "loss": losses,
+        "env": {
+            "eval_tasks": len(eval_seeds),
+            "horizon": eval_horizon,
+            "model": model_score,
+            "teacher": teacher_score,
+            "oracle": oracle_score,
+            "no_memory": empty_score,
+        },
+        "max_new_tokens": max_new_tokens,
+        "train_s": history["wall_s"],
+        "env_eval_s": eval_s,
+    }
+    report["wall_s"] = time.perf_counter() - started
+    with atomic_write_dir(out_dir) as tmp:
+        policy.model.save_pretrained(tmp, safe_serialization=True)
+        policy.tokenizer.save_pretrained(tmp)
+        (tmp / REPORT_NAME).write_text(json.dumps(report, indent=2), encoding="utf-8")
+    return report
+
+
+# ------------------------------------------------------------------------------------- CLI
+
+
+def _sft_presets() -> list[str]:
+    """Presets that warm-start the tiny model (``sft_steps > 0``)."""
+    from agents.train import PRESETS
+
+    return sorted(name for name, preset in PRESETS.items() if preset.sft_steps > 0)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """Options of ``memr2 sft``."""
+    p.add_argument("--preset", choices=_sft_presets(), default="tiny", help="run size (default: tiny)")
+    p.add_argument("--out", type=Path, required=True, help="directory for the warmed model and sft_report.json")
+    p.add_argument("--seed", type=int, default=0, help="seed for tasks, teacher, model and batches (default: 0)")
+    p.add_argument("--steps", type=int, default=None, help="behaviour-cloning steps (default: the preset's sft_steps)")
+    p.add_argument("--device", default="cpu", help="torch device (cpu, cuda)")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def format_report(report: dict[str, Any]) -> str:
+    """A short human-readable table of a warm-start report."""
+
+    def pct(value: float | None) -> str:
+        return "   -  " if value is None else f"{value:6.1%}"
+
+    before, after, env = report["valid_json_before"], report["valid_json_after"], report["env"]
+    lines = [
+        f"warm start: {report['steps']} steps, batch {report['batch_size']}, lr {report['lr']:g}, "
+        f"{report['data']['examples']} teacher examples, {report['wall_s']:.0f} s "
+        f"(training {report['train_s']:.0f} s)",
+        f"loss {report['loss_first']:.3f} -> {report['loss_last']:.3f}" if report["loss_first"] is not None else "loss -",
+        "",
+        f"{'valid JSON':<12}{'before':>8}{'after':>8}",
+    ]
+    for key, name in (("valid_json/extractor", "extractor"), ("valid_json/manager", "manager"), ("valid_json", "all")):
+        lines.append(f"{name:<12}{pct(before[key]):>8}{pct(after[key]):>8}")
+    lines += [
+        f"{'exact':<12}{'':>8}{pct(after['exact/extractor']):>8} extractor, {pct(after['exact/manager']).strip()} manager",
+        "",
+        f"env (final-mode F1, {env['eval_tasks']} tasks, horizon {env['horizon']})",
+    ]
+    for name in ("model", "teacher", "oracle", "no_memory"):
+        score = env[name]
+        lines.append(f"  {name:<10} F1 {score['f1']:.3f}   memory {score['memory_size']:5.1f}   penalty {score['penalty']:.3f}")
+    if "parse_error_rate" in env["model"]:
+        lines.append(f"  model parse errors in the env: {env['model']['parse_error_rate']:.1%}")
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    """``memr2 sft``: warm-start the tiny model for a preset and print the report."""
+    from agents.train import PRESETS, _task_seeds
+
+    preset = PRESETS[args.preset]
+    seeds = _task_seeds(args.seed, preset)
+    report = warm_start(
+        args.out,
+        preset,
+        seed=args.seed,
+        task_seeds=seeds["sft"],
+        eval_seeds=seeds["val"],
+        progress=not args.no_progress,
+        steps=args.steps,
+        device=args.device,
+    )
+    print(format_report(report))
+    print(f"model and report: {Path(args.out)}")
+    return 0
