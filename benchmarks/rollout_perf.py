@@ -61,11 +61,19 @@ def main() -> None:
     engine_tps = tokens / wall
     env_share = engine.timing["env_s"] / wall
 
-    # Ceiling: one generate call over the first-step prompts of every env.
-    first = [r.turns[0] for r in records if r.turns]
+    # Ceiling: one plain model.generate call over the first-step prompts of every env, forced to
+    # generate max_new_tokens for every row (no early stop, nothing wasted on padding rows).
+    from agents.backends import left_pad
+
+    first = [r.turns[0].prompt_ids for r in records if r.turns]
+    ids, mask = left_pad(first, policy.pad_id, policy.model.device)
     t = time.perf_counter()
-    outs = policy.backend.generate([tr.prompt_ids for tr in first], temperature=args.temperature, top_p=1.0, max_new_tokens=args.max_new_tokens, seed=0)
-    ceiling_tps = sum(len(o[0]) for o in outs) / (time.perf_counter() - t)
+    with torch.no_grad():
+        out = policy.model.generate(
+            input_ids=ids, attention_mask=mask, do_sample=True, temperature=max(args.temperature, 1e-5), top_k=0,
+            max_new_tokens=args.max_new_tokens, min_new_tokens=args.max_new_tokens, pad_token_id=policy.pad_id,
+        )
+    ceiling_tps = (out.shape[1] - ids.shape[1]) * len(first) / (time.perf_counter() - t)
 
     # Naive: one env at a time, one prompt per call (a subset of envs, scaled).
     naive_envs = max(2, args.envs // 4)
@@ -82,7 +90,8 @@ def main() -> None:
     print(f"| one big generate call (ceiling) | {ceiling_tps:,.0f} | 1.00x |")
     print(f"| rollout engine ({args.envs} envs in lockstep) | {engine_tps:,.0f} | {engine_tps / ceiling_tps:.2f}x |")
     print(f"| naive per-env loop ({naive_envs} envs) | {naive_tps:,.0f} | {naive_tps / ceiling_tps:.2f}x |")
-    print(f"\nenv time: {env_share:.1%} of the engine's rollout time ({engine.timing['calls']} generate calls, {tokens} tokens)")
+    print("\n(the engine and the loop count useful tokens: a batch runs until its longest completion ends)")
+    print(f"env time: {env_share:.1%} of the engine's rollout time ({engine.timing['calls']} generate calls, {tokens} tokens)")
 
 
 if __name__ == "__main__":
