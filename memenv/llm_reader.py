@@ -47,7 +47,7 @@ from typing import Any, Protocol, Sequence
 
 from memenv.memory import BM25Retriever, MemoryBank, MemoryEntry, Retriever
 from memenv.readers import Reader, ReaderError
-from memenv.scoring import _chat_completions_url, _is_loopback
+from memenv.scoring import _chat_completions_url, _is_loopback, write_json_atomic
 
 __all__ = [
     "LLMReader",
@@ -493,21 +493,3 @@ class LLMReader(Reader):
             write_json_atomic(self._cache_path, {"format": _CACHE_FORMAT, "version": 1, "entries": self._cache})
 
 
-def write_json_atomic(path: str | os.PathLike[str], data: Any) -> None:
-    """Write ``data`` as JSON to ``path`` through a temporary file, fsync and rename, so the
-    file is always either the old or the new content."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, ensure_ascii=False, indent=1, sort_keys=True)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Iterable
+import warnings
+from typing import Any, Callable, Iterable
 
 __all__ = ["DataError", "DataWarning", "read_json", "format_problems"]
 
@@ -66,3 +67,46 @@ def read_json(path: str | os.PathLike[str]) -> object:
         raise DataError(path, [f"not valid JSON: {e.msg} ({where})"]) from e
     except UnicodeDecodeError as e:
         raise DataError(path, [f"not UTF-8 text: {e.reason} at byte {e.start}"]) from e
+
+
+def json_kind(value: Any) -> str:
+    """How a JSON value reads in an error message ("an object", "a list", ...)."""
+    return {dict: "an object", list: "a list", str: "a string", type(None): "null"}.get(
+        type(value), type(value).__name__
+    )
+
+
+def collect_conversations(
+    records: list,
+    parse_one: Callable[[Any, int], tuple[Any, list[str]]],
+    label: Callable[[Any, int], str],
+    id_field: str,
+    *,
+    source: str,
+    strict: bool,
+    what: str,
+) -> list:
+    """Parse every record with ``parse_one(record, index) -> (conversation | None, problems)``.
+
+    Duplicate conversation ids are problems too. With ``strict`` any problem raises one
+    :class:`DataError` listing them all; otherwise the unusable records are skipped and listed
+    in one :class:`DataWarning`: nothing is dropped silently.
+    """
+    problems: list[str] = []  # each one makes its record (or question) unusable
+    convs: list = []
+    seen: dict[str, int] = {}
+    for index, record in enumerate(records):
+        conv, record_problems = parse_one(record, index)
+        if conv is not None and conv.conv_id in seen:
+            first = label(records[seen[conv.conv_id]], seen[conv.conv_id])
+            record_problems.append(f"{label(record, index)} '{id_field}': duplicate of {first.split(' ')[0]}")
+            conv = None
+        problems.extend(record_problems)
+        if conv is not None:
+            seen[conv.conv_id] = index
+            convs.append(conv)
+    if problems:
+        if strict:
+            raise DataError(source, problems)
+        warnings.warn(f"skipped unusable {what} data:\n" + format_problems(source, problems), DataWarning, stacklevel=4)
+    return convs

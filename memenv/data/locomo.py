@@ -47,10 +47,10 @@ import json
 import logging
 import os
 import re
-import warnings
 from typing import Any, Iterable, Sequence
 
-from memenv.data.errors import DataError, DataWarning, format_problems, read_json
+from memenv.data.errors import DataError, DataWarning, collect_conversations, read_json
+from memenv.data.errors import json_kind as _kind
 from memenv.scoring import LOCOMO_CATEGORIES
 from memenv.types import Conversation, QAItem, Session, Turn, parse_dia_id
 
@@ -117,29 +117,10 @@ def parse_locomo(
     in error messages)."""
     if not isinstance(records, list):
         raise DataError(source, [f"expected a JSON list of records, got {_kind(records)}"])
-    problems: list[str] = []  # each one makes its record (or question) unusable
-    convs: list[Conversation] = []
-    seen: dict[str, int] = {}
-    for index, record in enumerate(records):
-        conv, record_problems = _parse_record(record, index, drop_adversarial)
-        if conv is not None and conv.conv_id in seen:
-            record_problems.append(
-                f"{_label(record, index)} 'sample_id': duplicate of record[{seen[conv.conv_id]}]"
-            )
-            conv = None
-        problems.extend(record_problems)
-        if conv is not None:
-            seen[conv.conv_id] = index
-            convs.append(conv)
-    if problems:
-        if strict:
-            raise DataError(source, problems)
-        warnings.warn(
-            "skipped unusable LoCoMo data:\n" + format_problems(source, problems),
-            DataWarning,
-            stacklevel=3,
-        )
-    return convs
+    return collect_conversations(
+        records, lambda record, index: _parse_record(record, index, drop_adversarial), _label, "sample_id",
+        source=source, strict=strict, what="LoCoMo",
+    )
 
 
 def locomo_split(convs: Iterable[Conversation], name: str) -> list[Conversation]:
@@ -166,12 +147,6 @@ def evidence_issues(conv: Conversation) -> list[dict[str, str]]:
 # ---------------------------------------------------------------------------------------------
 # internals
 # ---------------------------------------------------------------------------------------------
-
-
-def _kind(value: Any) -> str:
-    return {dict: "an object", list: "a list", str: "a string", type(None): "null"}.get(
-        type(value), type(value).__name__
-    )
 
 
 def _label(record: Any, index: int) -> str:

@@ -38,10 +38,10 @@ from __future__ import annotations
 import json
 import os
 import re
-import warnings
 from typing import Any
 
-from memenv.data.errors import DataError, DataWarning, format_problems, read_json
+from memenv.data.errors import DataError, DataWarning, collect_conversations, read_json
+from memenv.data.errors import json_kind as _kind
 from memenv.types import Conversation, QAItem, Session, Turn
 
 __all__ = ["load_longmemeval", "parse_longmemeval", "LONGMEMEVAL_ROLES"]
@@ -86,40 +86,15 @@ def parse_longmemeval(
     """Like :func:`load_longmemeval`, for items already parsed from JSON."""
     if not isinstance(items, list):
         raise DataError(source, [f"expected a JSON list of question items, got {_kind(items)}"])
-    problems: list[str] = []
-    convs: list[Conversation] = []
-    seen: dict[str, int] = {}
-    for index, item in enumerate(items):
-        conv, item_problems = _parse_item(item, index, chronological)
-        if conv is not None and conv.conv_id in seen:
-            item_problems.append(
-                f"{_label(item, index)} 'question_id': duplicate of item[{seen[conv.conv_id]}]"
-            )
-            conv = None
-        problems.extend(item_problems)
-        if conv is not None:
-            seen[conv.conv_id] = index
-            convs.append(conv)
-    if problems:
-        if strict:
-            raise DataError(source, problems)
-        warnings.warn(
-            "skipped unusable LongMemEval items:\n" + format_problems(source, problems),
-            DataWarning,
-            stacklevel=3,
-        )
-    return convs
+    return collect_conversations(
+        items, lambda item, index: _parse_item(item, index, chronological), _label, "question_id",
+        source=source, strict=strict, what="LongMemEval",
+    )
 
 
 # ---------------------------------------------------------------------------------------------
 # internals
 # ---------------------------------------------------------------------------------------------
-
-
-def _kind(value: Any) -> str:
-    return {dict: "an object", list: "a list", str: "a string", type(None): "null"}.get(
-        type(value), type(value).__name__
-    )
 
 
 def _label(item: Any, index: int) -> str:
