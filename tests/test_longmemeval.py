@@ -1,4 +1,4 @@
-"""LongMemEval loader on the invented fixture ``tests/fixtures/longmemeval_mini.json`` and on
+"""LongMemEval loader on the invented fixture ``tests/fixtures/lme_schema_fixture.json`` and on
 broken variants of it."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import pytest
 from memenv.data.errors import DataError, DataWarning
 from memenv.data.longmemeval import load_longmemeval, parse_longmemeval
 
-FIXTURE = Path(__file__).parent / "fixtures" / "longmemeval_mini.json"
+FIXTURE = Path(__file__).parent / "fixtures" / "lme_schema_fixture.json"
 
 
 def _items():
