@@ -197,6 +197,53 @@ class HFBackend:
         ]
 
 
+    def generate_continuous(
+        self,
+        prompt_ids: Sequence[Sequence[int]],
+        next_prompt,
+        *,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        max_new_tokens: int = 256,
+        seed: int | None = None,
+        max_batch: int | None = None,
+    ) -> int:
+        """Continuous batching (see :mod:`agents.continuous`): each slot starts with
+        ``prompt_ids[slot]``; when its completion ends, ``next_prompt(slot, output)`` returns
+        the slot's next prompt or ``None``. Returns the number of forward calls.
+
+        Raises:
+            NotImplementedError: the model's KV cache cannot be merged (sliding-window or
+                encoder-decoder models); use :meth:`generate` then.
+        """
+        from agents.continuous import continuous_generate
+
+        _check_sampling_args(prompt_ids, temperature, top_p, max_new_tokens)
+        if not self.supports_continuous:
+            raise NotImplementedError(f"{type(self.model).__name__} has a KV cache continuous batching cannot merge")
+        if not prompt_ids:
+            return 0
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            return continuous_generate(
+                self.model, prompt_ids, next_prompt, stop_ids=self.stop_ids, pad_id=self.pad_id,
+                temperature=float(temperature), top_p=float(top_p), max_new_tokens=int(max_new_tokens),
+                seed=seed, max_batch=max_batch,
+            )
+        finally:
+            self.model.train(was_training)
+
+    @property
+    def supports_continuous(self) -> bool:
+        """Whether :meth:`generate_continuous` works with this model."""
+        if not hasattr(self, "_continuous_ok"):
+            from agents.continuous import supports_continuous
+
+            self._continuous_ok = supports_continuous(self.model)
+        return self._continuous_ok
+
+
 def left_pad(
     sequences: Sequence[Sequence[int]], pad_id: int, device: torch.device | str = "cpu"
 ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -15,7 +15,7 @@ log-probability). In float32 the two agree to about 1e-5; the tests hold them to
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -197,26 +197,70 @@ class SharedPolicy:
             max_new_tokens: most tokens per action, stop token included.
             seed: same seed and same batch give the same samples; ``None`` uses the global RNG.
         """
-        roles, prompts = [], []
-        for i, obs in enumerate(observations):
-            if not isinstance(obs, Mapping) or "role" not in obs or "text" not in obs:
-                raise ValueError(f"observation {i} must be a mapping with 'role' and 'text', got {obs!r}")
-            roles.append(role_index(obs["role"]))
-            prompts.append(self.render(roles[-1], obs["text"]))
+        roles, prompts = zip(*(self._encode(i, obs) for i, obs in enumerate(observations))) if observations else ((), ())
         outputs = self.backend.generate(
-            prompts, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed
+            list(prompts), temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed
         )
-        return [
-            Generation(
-                role=role,
-                prompt_ids=prompt,
-                completion_ids=list(ids),
-                logprobs=list(logprobs),
-                text=self.tokenizer.decode(ids, skip_special_tokens=True),
-                finish_reason=finish,
-            )
-            for role, prompt, (ids, logprobs, finish) in zip(roles, prompts, outputs)
-        ]
+        return [self._generation(role, prompt, output) for role, prompt, output in zip(roles, prompts, outputs)]
+
+    @property
+    def supports_continuous(self) -> bool:
+        """Whether the backend can run :meth:`generate_continuous`."""
+        return bool(getattr(self.backend, "supports_continuous", False))
+
+    def generate_continuous(
+        self,
+        observations: Sequence[Mapping],
+        on_generation: Callable[[int, Generation], Mapping | None],
+        *,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        max_new_tokens: int = 256,
+        seed: int | None = None,
+    ) -> int:
+        """Sample actions with continuous batching: slot ``i`` starts from ``observations[i]``;
+        whenever one of its actions is complete, ``on_generation(i, generation)`` returns the
+        slot's next observation (``None``: the slot is done). Rows never wait for each other.
+
+        Same sampling settings and log-prob convention as :meth:`generate`. Returns the number
+        of forward calls the backend made.
+        """
+        roles: dict[int, int] = {}
+        first = []
+        for i, obs in enumerate(observations):
+            roles[i], prompt = self._encode(i, obs)
+            first.append(prompt)
+
+        def follow(slot: int, output) -> list[int] | None:
+            generation = self._generation(roles[slot], prompt_of[slot], output)
+            obs = on_generation(slot, generation)
+            if obs is None:
+                return None
+            roles[slot], prompt_of[slot] = self._encode(slot, obs)
+            return prompt_of[slot]
+
+        prompt_of = dict(enumerate(first))
+        return self.backend.generate_continuous(
+            first, follow, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed
+        )
+
+    def _encode(self, i: int, obs: Mapping) -> tuple[int, list[int]]:
+        """Role index and rendered prompt of one observation (checked)."""
+        if not isinstance(obs, Mapping) or "role" not in obs or "text" not in obs:
+            raise ValueError(f"observation {i} must be a mapping with 'role' and 'text', got {obs!r}")
+        role = role_index(obs["role"])
+        return role, self.render(role, obs["text"])
+
+    def _generation(self, role: int, prompt: list[int], output) -> Generation:
+        ids, logprobs, finish = output
+        return Generation(
+            role=role,
+            prompt_ids=list(prompt),
+            completion_ids=list(ids),
+            logprobs=list(logprobs),
+            text=self.tokenizer.decode(ids, skip_special_tokens=True),
+            finish_reason=finish,
+        )
 
     def logprobs_of(
         self,

@@ -1,11 +1,15 @@
 """The batched rollout engine.
 
-Many environments advance in lockstep. At every step the engine collects the pending observation
-of each active environment (extractor and manager prompts alike), makes ONE generation call for
-all of them, and steps each environment with its completion. Every generated turn is recorded
-with the ids a trainer needs: prompt and completion token ids, the sampling-time log-probs, the
-role, the session, the episode and rollout ids. Group ids are left to the trainer, since GRPO and
-LoGo-GRPO differ only in the groups they build.
+Many environments run at once and share the model. By default (continuous batching, when the
+policy's backend supports it) every environment owns a row of one running batch: the moment its
+action is complete the environment steps, and its next prompt (extractor or manager) joins the
+batch while the other rows keep decoding, so no row waits for a longer one. The lockstep mode
+(``continuous=False``, and any backend with only ``generate``) collects the pending observation
+of every active environment, makes ONE generation call for all of them, and steps each
+environment with its completion. Every generated turn is recorded with the ids a trainer needs:
+prompt and completion token ids, the sampling-time log-probs, the role, the session, the
+episode and rollout ids. Group ids are left to the trainer, since GRPO and LoGo-GRPO differ
+only in the groups they build.
 
 An episode can start from a saved environment state and stop after a number of sessions: this is
 how LoGo-GRPO reruns one session from the very same memory.
@@ -95,6 +99,14 @@ class RolloutEngine:
             The engine keeps a pool and reuses environments across calls.
         temperature, top_p, max_new_tokens: sampling settings.
         save_states: save the env state before every session (needed for rerollouts).
+        continuous: ``True``: continuous batching (the policy's ``generate_continuous``: an env
+            steps as soon as its own action is complete, and its next prompt joins the running
+            batch); ``False``: lockstep, one ``generate`` call per step over all pending
+            prompts; ``None`` (default): continuous when the policy supports it.
+
+    ``timing`` accumulates ``generate_s`` (sampling), ``env_s`` (env steps and bookkeeping),
+    ``calls`` (generation calls), ``forward_calls`` (model forwards in continuous mode) and
+    ``generated_tokens`` over the engine's life.
     """
 
     def __init__(
@@ -107,6 +119,7 @@ class RolloutEngine:
         max_new_tokens: int = 96,
         save_states: bool = True,
         progress: bool = False,
+        continuous: bool | None = None,
     ):
         self.policy = policy
         self.env_fn = env_fn
@@ -117,7 +130,14 @@ class RolloutEngine:
         self.progress = progress
         self._pool: list[gym.Env] = []
         self._next_episode_id = 0
-        self.timing = {"generate_s": 0.0, "env_s": 0.0, "calls": 0, "generated_tokens": 0}
+        self.continuous = continuous
+        self.timing = {"generate_s": 0.0, "env_s": 0.0, "calls": 0, "forward_calls": 0, "generated_tokens": 0}
+
+    def _use_continuous(self) -> bool:
+        supported = bool(getattr(self.policy, "supports_continuous", False))
+        if self.continuous and not supported:
+            raise ValueError("continuous=True, but the policy's backend cannot batch continuously")
+        return supported if self.continuous is None else self.continuous
 
     def _envs(self, n: int) -> list[gym.Env]:
         while len(self._pool) < n:
@@ -152,66 +172,77 @@ class RolloutEngine:
         if self.progress:
             from tqdm.auto import tqdm
 
-            bar = tqdm(desc="rollout", unit="step", leave=False)
-        call = 0
-        while True:
-            active = [i for i, o in enumerate(obs) if o is not None]
-            if not active:
-                break
+            bar = tqdm(desc="rollout", unit="turn", leave=False)
+
+        def advance(i: int, gen) -> dict | None:
+            """Step env ``i`` with one generation and record it; the next observation or None."""
             t0 = time.perf_counter()
-            gens = self.policy.generate(
-                [obs[i] for i in active],
-                temperature=temperature,
-                top_p=self.top_p,
-                max_new_tokens=self.max_new_tokens,
-                seed=None if seed is None else seed * 1_000_003 + call,
-            )
-            self.timing["generate_s"] += time.perf_counter() - t0
-            self.timing["calls"] += 1
-            call += 1
-            t0 = time.perf_counter()
-            for i, gen in zip(active, gens):
-                env, rec, info = envs[i], records[i], infos[i]
-                session = info["session"]
-                o2, reward, terminated, truncated, info2 = env.step(gen.text)
-                self.timing["generated_tokens"] += len(gen.completion_ids)
-                rec.turns.append(
-                    TurnRecord(
-                        episode_id=rec.episode_id,
-                        rollout_id=rec.rollout_id,
-                        conv_id=rec.conv_id,
-                        session=session,
-                        role=int(obs[i]["role"]),
-                        prompt_ids=list(gen.prompt_ids),
-                        completion_ids=list(gen.completion_ids),
-                        logprobs=[float(x) for x in gen.logprobs],
-                        text=gen.text,
-                        finish_reason=gen.finish_reason,
-                        parse_error=info2.get("parse_error"),
-                    )
+            env, rec, info = envs[i], records[i], infos[i]
+            session = info["session"]
+            o2, reward, terminated, truncated, info2 = env.step(gen.text)
+            self.timing["generated_tokens"] += len(gen.completion_ids)
+            rec.turns.append(
+                TurnRecord(
+                    episode_id=rec.episode_id,
+                    rollout_id=rec.rollout_id,
+                    conv_id=rec.conv_id,
+                    session=session,
+                    role=int(obs[i]["role"]),
+                    prompt_ids=list(gen.prompt_ids),
+                    completion_ids=list(gen.completion_ids),
+                    logprobs=[float(x) for x in gen.logprobs],
+                    text=gen.text,
+                    finish_reason=gen.finish_reason,
+                    parse_error=info2.get("parse_error"),
                 )
-                ended = "session_end" in info2
-                if ended:
-                    k = info2["session_end"]
-                    rec.session_rewards[k] = rec.session_rewards.get(k, 0.0) + float(reward)
-                    rec.session_info[k] = {key: info2[key] for key in ("qa", "f1", "penalty", "m_fail", "num_questions") if key in info2}
-                    rec.session_info[k]["memory_size"] = info2["memory_size"]
-                    if sessions_left[i] is not None:
-                        sessions_left[i] -= 1
-                stop = terminated or truncated or (sessions_left[i] is not None and sessions_left[i] <= 0)
-                if ended and not stop and self.save_states:
-                    rec.states[info2["session"]] = env.unwrapped.save_state()
-                if stop:
-                    rec.done = bool(terminated or truncated)
-                    rec.final_state = env.unwrapped.save_state()
-                    rec.stats = dict(info2.get("stats", {}))
-                    obs[i] = None
-                else:
-                    obs[i], infos[i] = o2, info2
+            )
+            ended = "session_end" in info2
+            if ended:
+                k = info2["session_end"]
+                rec.session_rewards[k] = rec.session_rewards.get(k, 0.0) + float(reward)
+                rec.session_info[k] = {key: info2[key] for key in ("qa", "f1", "penalty", "m_fail", "num_questions") if key in info2}
+                rec.session_info[k]["memory_size"] = info2["memory_size"]
+                if sessions_left[i] is not None:
+                    sessions_left[i] -= 1
+            stop = terminated or truncated or (sessions_left[i] is not None and sessions_left[i] <= 0)
+            if ended and not stop and self.save_states:
+                rec.states[info2["session"]] = env.unwrapped.save_state()
+            if stop:
+                rec.done = bool(terminated or truncated)
+                rec.final_state = env.unwrapped.save_state()
+                rec.stats = dict(info2.get("stats", {}))
+                obs[i] = None
+            else:
+                obs[i], infos[i] = o2, info2
             self.timing["env_s"] += time.perf_counter() - t0
             if bar is not None:
                 bar.update(1)
-                bar.set_postfix(active=len(active))
+            return obs[i]
+
+        sample = dict(temperature=temperature, top_p=self.top_p, max_new_tokens=self.max_new_tokens)
+        if self._use_continuous():
+            t0 = time.perf_counter()
+            env_before = self.timing["env_s"]
+            self.timing["forward_calls"] += self.policy.generate_continuous(
+                list(obs), advance, seed=None if seed is None else seed * 1_000_003, **sample
+            )
+            self.timing["calls"] += 1
+            self.timing["generate_s"] += time.perf_counter() - t0 - (self.timing["env_s"] - env_before)
+        else:
+            call = 0
+            while True:
+                active = [i for i, o in enumerate(obs) if o is not None]
+                if not active:
+                    break
+                t0 = time.perf_counter()
+                gens = self.policy.generate(
+                    [obs[i] for i in active], seed=None if seed is None else seed * 1_000_003 + call, **sample
+                )
+                self.timing["generate_s"] += time.perf_counter() - t0
+                self.timing["calls"] += 1
+                call += 1
+                for i, gen in zip(active, gens):
+                    advance(i, gen)
         if bar is not None:
             bar.close()
         return records

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import functools
+
 import json
 import zlib
-from collections import OrderedDict
 from dataclasses import dataclass, field, replace
 from typing import Any, Sequence
 
@@ -253,7 +254,6 @@ class MemSessionEnv(gym.Env):
         self.action_space = UnicodeText(MAX_ACTION_LENGTH)
 
         self._state: EnvState | None = None
-        self._synthetic_cache: OrderedDict[int, Conversation] = OrderedDict()
         self._layout_cache: dict[str, tuple] = {}
 
     # ------------------------------------------------------------------ task selection
@@ -266,20 +266,18 @@ class MemSessionEnv(gym.Env):
         return len(self.task_seeds) if self.task_seeds is not None else None
 
     def _synthetic(self, task_seed: int) -> Conversation:
-        conv = self._synthetic_cache.get(task_seed)
-        if conv is None:
-            from memenv.data.synthetic import SyntheticConfig, generate_conversation
+        from memenv.data.synthetic import SyntheticConfig
 
-            cfg = self.synthetic_config or SyntheticConfig()
-            if cfg.num_sessions < self.horizon:
-                cfg = replace(cfg, num_sessions=self.horizon)
-            conv = generate_conversation(task_seed, cfg)
-            self._synthetic_cache[task_seed] = conv
-            if len(self._synthetic_cache) > 64:
-                self._synthetic_cache.popitem(last=False)
-        else:
-            self._synthetic_cache.move_to_end(task_seed)
-        return conv
+        cfg = self.synthetic_config or SyntheticConfig()
+        if cfg.num_sessions < self.horizon:
+            cfg = replace(cfg, num_sessions=self.horizon)
+        try:
+            hash(cfg)
+        except TypeError:  # a config holding lists: generate without the shared cache
+            from memenv.data.synthetic import generate_conversation
+
+            return generate_conversation(int(task_seed), cfg)
+        return _shared_synthetic(int(task_seed), cfg)
 
     def _pick_task(self, options: dict) -> Conversation:
         if "conversation" in options:
@@ -680,3 +678,13 @@ class MemSessionEnv(gym.Env):
             keys.append(srcs[-1].key if srcs else None)
         ops = {f.dia_id: gold[f.dia_id].__dict__.copy() for f in st.pending if f.dia_id in gold}
         return {"ops": ops, "candidate_keys": keys}
+
+
+@functools.lru_cache(maxsize=256)
+def _shared_synthetic(task_seed: int, config) -> Conversation:
+    """Synthetic conversations shared by every env in the process (a vector of envs or a
+    trainer's env pool resets on the same tasks again and again). Conversations are never
+    mutated by the env, so sharing them is safe."""
+    from memenv.data.synthetic import generate_conversation
+
+    return generate_conversation(task_seed, config)

@@ -1,0 +1,255 @@
+"""Continuous batching for Hugging Face causal LMs (the rollout engine's fast path).
+
+Static batching (one ``model.generate`` call per engine step) makes every row wait for the
+longest completion of its batch, and an environment cannot move on until the whole batch is
+done. Continuous batching keeps a running batch instead: the moment a row ends (stop token or
+``max_new_tokens``), its completion is handed to a callback, which steps that row's environment
+and returns the environment's next prompt (or ``None`` when the episode is over). New prompts
+are prefilled in small batches and merged into the running KV cache; finished rows are dropped
+from it. No decode step is spent on a finished row.
+
+How rows of different lengths share one cache: the cache is left padded and a 0/1 mask marks
+the real positions of each row. Every row carries its own position ids (the number of real
+tokens before the new one), so rotary embeddings see each sequence exactly as in a solo run;
+keys are cached after rotation, which makes shifting a row inside the padded cache harmless.
+Leading columns that no row uses any more are trimmed after every step.
+
+Sampling follows :mod:`agents.backends` exactly: ``log_softmax(logits / T)`` of the sampled
+token is reported (top-p truncation not included), greedy decoding for ``temperature == 0``
+with ``T = 1`` in the log-probs, completions end with their stop token. With a seed the run
+is deterministic: the same prompts and the same callback give the same completions.
+
+Only caches made of plain (non-sliding) ``DynamicLayer`` s are supported, which covers Llama,
+Qwen2 and most decoder-only models; :func:`supports_continuous` tells.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable, Sequence
+
+import torch
+
+__all__ = ["continuous_generate", "supports_continuous", "sample_tokens"]
+
+BackendOutput = tuple[list[int], list[float], str]
+
+
+def supports_continuous(model) -> bool:
+    """Whether ``model``'s default KV cache is one this module can pad, merge and trim."""
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer
+
+    if getattr(model.config, "is_encoder_decoder", False):
+        return False
+    try:
+        cache = DynamicCache(config=model.config)
+    except Exception:  # noqa: BLE001 - any model whose config the cache rejects is unsupported
+        return False
+    return bool(cache.layers) and all(type(layer) is DynamicLayer for layer in cache.layers)
+
+
+def sample_tokens(
+    logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sample one token per row of raw ``logits`` (batch, vocab).
+
+    Returns ``(tokens, logprobs)``: the sampled ids and ``log_softmax(logits / T)`` at them,
+    where ``T = temperature`` (``1`` when greedy). Top-p keeps the smallest set of most likely
+    tokens whose probability reaches ``top_p``, as Hugging Face's top-p warper does.
+    """
+    greedy = temperature == 0
+    logprobs = torch.log_softmax(logits.float() / (1.0 if greedy else temperature), dim=-1)
+    if greedy:
+        tokens = logprobs.argmax(-1)
+    else:
+        probs = logprobs.exp()
+        if top_p < 1.0:
+            sorted_probs, order = probs.sort(dim=-1, descending=True)
+            before = sorted_probs.cumsum(-1) - sorted_probs  # mass strictly above each token
+            sorted_probs = sorted_probs.masked_fill(before >= top_p, 0.0)
+            probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
+        tokens = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    return tokens, logprobs.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+
+
+class _Batch:
+    """The running batch: per-row bookkeeping, the padded KV cache and its 0/1 mask."""
+
+    def __init__(self):
+        self.slots: list[int] = []
+        self.prompts: list[list[int]] = []
+        self.ids: list[list[int]] = []
+        self.logprobs: list[list[float]] = []
+        self.cache = None
+        self.mask: torch.Tensor | None = None
+        self.next_logits: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return len(self.slots)
+
+    def add(self, slots, prompts, cache, mask, logits) -> None:
+        """Merge freshly prefilled rows (their own cache, mask and last logits) into the batch."""
+        if self.cache is None:
+            self.cache, self.mask, self.next_logits = cache, mask, logits
+        else:
+            width = max(self.mask.shape[1], mask.shape[1])
+            for mine, theirs in zip(self.cache.layers, cache.layers):
+                mine.keys = torch.cat([_left_pad(mine.keys, width), _left_pad(theirs.keys, width)], dim=0)
+                mine.values = torch.cat([_left_pad(mine.values, width), _left_pad(theirs.values, width)], dim=0)
+            self.mask = torch.cat([_left_pad(self.mask, width), _left_pad(mask, width)], dim=0)
+            self.next_logits = torch.cat([self.next_logits, logits], dim=0)
+        self.slots += slots
+        self.prompts += prompts
+        self.ids += [[] for _ in slots]
+        self.logprobs += [[] for _ in slots]
+
+    def keep(self, rows: list[int]) -> None:
+        """Keep only ``rows`` (indices into the batch), in that order."""
+        if not rows:
+            self.__init__()
+            return
+        if len(rows) == len(self.slots):  # nobody left (rows stay in order): nothing to copy
+            return
+        index = torch.as_tensor(rows, device=self.mask.device)
+        for layer in self.cache.layers:
+            layer.keys = layer.keys.index_select(0, index)
+            layer.values = layer.values.index_select(0, index)
+        self.mask = self.mask.index_select(0, index)
+        self.next_logits = self.next_logits.index_select(0, index)
+        for name in ("slots", "prompts", "ids", "logprobs"):
+            values = getattr(self, name)
+            setattr(self, name, [values[r] for r in rows])
+
+    def trim(self) -> None:
+        """Drop leading cache columns that no row uses any more."""
+        used = self.mask.any(0).nonzero()
+        start = int(used[0]) if len(used) else 0
+        if start > 0:
+            self.mask = self.mask[:, start:]
+            for layer in self.cache.layers:
+                layer.keys = layer.keys[:, :, start:]
+                layer.values = layer.values[:, :, start:]
+
+
+def _left_pad(x: torch.Tensor, width: int) -> torch.Tensor:
+    """Left-pad dimension 2 (caches: batch, heads, length, dim) or 1 (masks) with zeros."""
+    dim = 2 if x.dim() == 4 else 1
+    missing = width - x.shape[dim]
+    if missing == 0:
+        return x
+    shape = list(x.shape)
+    shape[dim] = missing
+    return torch.cat([x.new_zeros(shape), x], dim=dim)
+
+
+def _prefill(model, prompts: Sequence[Sequence[int]], pad_id: int):
+    """Run the prompts once; returns their cache, 0/1 mask and the logits of the last token."""
+    from agents.backends import left_pad
+
+    input_ids, mask = left_pad(prompts, pad_id, model.device)
+    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+    out = model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, use_cache=True, logits_to_keep=1)
+    return _cache_of(out), mask, out.logits[:, -1]
+
+
+def _cache_kwarg(model) -> str:
+    """The forward argument that takes the KV cache (``cache`` since transformers 5.2x,
+    ``past_key_values`` before)."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def _cache_of(output):
+    cache = getattr(output, "cache", None)
+    return cache if cache is not None else output.past_key_values
+
+
+@torch.no_grad()
+def continuous_generate(
+    model,
+    prompts: Sequence[Sequence[int]],
+    next_prompt: Callable[[int, BackendOutput], Sequence[int] | None],
+    *,
+    stop_ids: Sequence[int],
+    pad_id: int,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    max_new_tokens: int = 256,
+    seed: int | None = None,
+    max_batch: int | None = None,
+    refill_fraction: float = 0.25,
+) -> int:
+    """Generate with continuous batching until every slot's callback returns ``None``.
+
+    Args:
+        model: a causal LM in eval mode whose cache :func:`supports_continuous`.
+        prompts: the first prompt of each slot (slot ``i`` is ``prompts[i]``).
+        next_prompt: called as ``next_prompt(slot, (completion_ids, logprobs, finish_reason))``
+            whenever a completion ends; returns the slot's next prompt or ``None`` to retire it.
+            Called in a deterministic order (by step, then by row).
+        stop_ids, pad_id: stop tokens and the padding id.
+        temperature, top_p, max_new_tokens, seed: as in :meth:`agents.backends.HFBackend.generate`.
+        max_batch: most rows decoded at once (default: the number of slots).
+        refill_fraction: waiting prompts are prefilled once they fill this share of the batch
+            (or at once when nothing else runs); batching prefills saves forward calls.
+
+    Returns:
+        The number of forward calls made (prefills and decode steps).
+    """
+    device = model.device
+    generator = None
+    if seed is not None:
+        generator = torch.Generator(device=device)
+        generator.manual_seed(int(seed))
+    stop = set(int(s) for s in stop_ids)
+    capacity = max(1, max_batch or len(prompts))
+    threshold = max(1, int(refill_fraction * capacity))
+    waiting = deque((slot, list(p)) for slot, p in enumerate(prompts))
+    batch = _Batch()
+    cache_kwarg = _cache_kwarg(model)
+    calls = 0
+    while waiting or len(batch):
+        free = capacity - len(batch)
+        if waiting and free > 0 and (not len(batch) or min(free, len(waiting)) >= threshold):
+            taken = [waiting.popleft() for _ in range(min(free, len(waiting)))]
+            cache, mask, logits = _prefill(model, [p for _, p in taken], pad_id)
+            calls += 1
+            batch.add([s for s, _ in taken], [p for _, p in taken], cache, mask, logits)
+        tokens, logprobs = sample_tokens(batch.next_logits, temperature, top_p, generator)
+        running = []
+        for row, (token, logprob) in enumerate(zip(tokens.tolist(), logprobs.tolist())):
+            batch.ids[row].append(token)
+            batch.logprobs[row].append(logprob)
+            if token in stop:
+                reason = "stop"
+            elif len(batch.ids[row]) >= max_new_tokens:
+                reason = "length"
+            else:
+                running.append(row)
+                continue
+            follow = next_prompt(batch.slots[row], (batch.ids[row], batch.logprobs[row], reason))
+            if follow is not None:
+                if len(follow) == 0:
+                    raise ValueError(f"next_prompt returned an empty prompt for slot {batch.slots[row]}")
+                waiting.append((batch.slots[row], list(follow)))
+        if len(running) < len(tokens):
+            tokens = tokens.index_select(0, torch.as_tensor(running, dtype=torch.long, device=tokens.device))
+        batch.keep(running)
+        if not running:
+            continue
+        positions = batch.mask.sum(-1, keepdim=True)
+        batch.mask = torch.cat([batch.mask, batch.mask.new_ones((len(batch), 1))], dim=1)
+        out = model(
+            input_ids=tokens.unsqueeze(-1),
+            attention_mask=batch.mask,
+            position_ids=positions,
+            use_cache=True,
+            **{cache_kwarg: batch.cache},
+        )
+        calls += 1
+        batch.cache = _cache_of(out)
+        batch.next_logits = out.logits[:, -1]
+        batch.trim()
+    return calls

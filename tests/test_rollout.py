@@ -1,0 +1,153 @@
+"""The rollout engine and continuous batching, on the real tiny model."""
+
+from __future__ import annotations
+
+import gymnasium as gym
+import pytest
+import torch
+
+import memenv  # noqa: F401  (registers MemSession-v0)
+from agents.backends import HFBackend
+from agents.continuous import sample_tokens, supports_continuous
+from agents.policy import SharedPolicy
+from agents.rollout import RolloutEngine, Start
+from agents.tiny import build_tiny_model
+from memenv.data.synthetic import SyntheticConfig
+
+LOGPROB_ATOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def policy(tmp_path_factory):
+    corpus = ['{"facts": [{"speaker": "Ann", "dia_id": "D1:1", "fact": "Ann likes tea."}]}', '{"operations": []}'] * 40
+    path = build_tiny_model(tmp_path_factory.mktemp("tiny"), corpus, seed=0, hidden_size=64, num_layers=2)
+    return SharedPolicy.from_pretrained(path)
+
+
+def _prompts(policy, n=7):
+    """Prompts of many different lengths, so the running cache is padded in every way."""
+    return [policy.render(i % 2, "Ann: I like tea." + " and cake" * (3 * i)) for i in range(n)]
+
+
+def _env_fn():
+    config = SyntheticConfig(num_sessions=3, turns_per_session=(4, 5))
+    return gym.make("MemSession-v0", horizon=3, task_seeds=[0, 1], synthetic_config=config, slices_per_session=2)
+
+
+def test_the_tiny_llama_supports_continuous_batching(policy):
+    assert supports_continuous(policy.model) and policy.supports_continuous
+
+
+def test_greedy_continuous_batching_reproduces_static_batching(policy):
+    """Merging, dropping and trimming rows of the running cache must not change what the model
+    computes: greedy completions equal solo greedy generations, even with a batch of 3 slots
+    refilled from a queue of 7 prompts, each slot chaining a second prompt."""
+    prompts = _prompts(policy)
+    follow_ups = {slot: _prompts(policy, 9)[(slot + 3) % 9] for slot in range(len(prompts))}
+    got: dict[tuple[int, int], tuple] = {}
+
+    def next_prompt(slot, output):
+        turn = sum(1 for s, _ in got if s == slot)
+        got[(slot, turn)] = output
+        return follow_ups[slot] if turn == 0 else None
+
+    policy.backend.generate_continuous(prompts, next_prompt, temperature=0, max_new_tokens=12, max_batch=3)
+    assert len(got) == 2 * len(prompts)
+    for slot, prompt in enumerate(prompts):
+        for turn, p in enumerate((prompt, follow_ups[slot])):
+            (expected,) = policy.backend.generate([p], temperature=0, max_new_tokens=12)
+            ids, logprobs, reason = got[(slot, turn)]
+            assert ids == expected[0] and reason == expected[2]
+            assert torch.allclose(torch.tensor(logprobs), torch.tensor(expected[1]), atol=LOGPROB_ATOL)
+
+
+@pytest.mark.parametrize("temperature, top_p", [(1.0, 1.0), (0.7, 0.9)])
+def test_continuous_logprobs_match_a_fresh_forward_pass(policy, temperature, top_p):
+    prompts = _prompts(policy)
+    outputs = {}
+    policy.backend.generate_continuous(
+        prompts, lambda slot, out: outputs.setdefault(slot, out) and None,
+        temperature=temperature, top_p=top_p, max_new_tokens=20, seed=4, max_batch=4,
+    )
+    recomputed = policy.logprobs_of(prompts, [outputs[i][0] for i in range(len(prompts))], temperature=temperature)
+    for i, lp in enumerate(recomputed):
+        assert len(outputs[i][0]) == len(outputs[i][1]) == lp.shape[0] > 0
+        assert torch.allclose(lp, torch.tensor(outputs[i][1]), atol=LOGPROB_ATOL, rtol=0)
+
+
+def test_continuous_sampling_is_seeded(policy):
+    def run(seed):
+        outputs = {}
+        policy.backend.generate_continuous(
+            _prompts(policy), lambda slot, out: outputs.setdefault(slot, out) and None, max_new_tokens=16, seed=seed
+        )
+        return [outputs[i][0] for i in range(len(outputs))]
+
+    state = torch.get_rng_state()
+    assert run(5) == run(5) != run(6)
+    assert torch.equal(state, torch.get_rng_state())
+
+
+def test_length_limit_and_stop_tokens(policy):
+    (first,) = policy.backend.generate(_prompts(policy, 1), temperature=0, max_new_tokens=4)
+    stop = first[0][1]
+    stopper = HFBackend(policy.model, policy.tokenizer, stop_ids=[stop])
+    outputs = {}
+    stopper.generate_continuous(_prompts(policy, 1) * 2, lambda s, o: outputs.setdefault(s, o) and None, temperature=0, max_new_tokens=8)
+    expected = first[0][: first[0].index(stop) + 1]
+    assert outputs[0] == outputs[1] == (expected, outputs[0][1], "stop") and len(outputs[0][1]) == len(expected)
+    outputs.clear()
+    policy.backend.generate_continuous(_prompts(policy, 2), lambda s, o: outputs.setdefault(s, o) and None, temperature=0, max_new_tokens=3)
+    assert all(len(o[0]) <= 3 and (o[2] == "length") == (len(o[0]) == 3) for o in outputs.values())
+
+
+def test_top_p_keeps_the_smallest_set_reaching_p():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    generator = torch.Generator().manual_seed(0)
+    seen = {int(sample_tokens(logits, 1.0, 0.75, generator)[0]) for _ in range(300)}
+    assert seen == {0, 1}  # 0.5 < 0.75 <= 0.8: the two most likely tokens
+    tokens, logprobs = sample_tokens(logits, 0.0, 1.0, None)
+    assert int(tokens) == 0 and torch.allclose(logprobs, torch.log(torch.tensor([0.5])))
+
+
+@pytest.mark.parametrize("continuous", [True, False])
+def test_rollouts_are_deterministic_and_complete(policy, continuous):
+    def run():
+        engine = RolloutEngine(policy, _env_fn, max_new_tokens=24, continuous=continuous)
+        return engine, engine.run([Start(options={"task": t}, rollout_id=t) for t in (0, 1, 0)], seed=3)
+
+    engine, a = run()
+    _, b = run()
+    assert [[t.completion_ids for t in r.turns] for r in a] == [[t.completion_ids for t in r.turns] for r in b]
+    assert [r.session_rewards for r in a] == [r.session_rewards for r in b]
+    for rec in a:
+        assert rec.done and sorted(rec.session_rewards) == [1, 2, 3] and sorted(rec.states) == [1, 2, 3]
+        assert {t.session for t in rec.turns} <= {1, 2, 3}
+        assert all(len(t.logprobs) == len(t.completion_ids) > 0 for t in rec.turns)
+        # Untrained model: most actions do not parse, and that is recorded, not fatal.
+        assert all(t.finish_reason in ("stop", "length") for t in rec.turns)
+    assert engine.timing["generated_tokens"] == sum(r.generated_tokens for r in a)
+    assert (engine.timing["forward_calls"] > 0) == continuous
+
+
+def test_rerollouts_start_from_exactly_the_saved_state(policy):
+    engine = RolloutEngine(policy, _env_fn, max_new_tokens=24)
+    (source,) = engine.run([Start(options={"task": 1})], seed=0)
+    state = source.states[2]
+    reruns = engine.run([Start(options={"state": state}, max_sessions=1, rollout_id=j) for j in range(3)], seed=1)
+    source_first = next(t for t in source.turns if t.session == 2)
+    for rec in reruns:
+        assert rec.states[2] == state and {t.session for t in rec.turns} == {2}
+        assert sorted(rec.session_rewards) == [2] and not rec.done
+        assert rec.turns[0].prompt_ids == source_first.prompt_ids  # the same observation to act on
+    assert len({tuple(tuple(t.completion_ids) for t in r.turns) for r in reruns}) > 1  # reruns differ
+
+
+def test_continuous_true_without_support_is_refused(policy):
+    class LockstepOnly:
+        def generate(self, *args, **kwargs):
+            return policy.generate(*args, **kwargs)
+
+    engine = RolloutEngine(LockstepOnly(), _env_fn, continuous=True)
+    with pytest.raises(ValueError, match="continuous"):
+        engine.run([Start(options={"task": 0})])
