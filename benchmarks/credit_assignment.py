@@ -81,6 +81,9 @@ def main() -> None:
     ap.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     ap.add_argument("--val-every", type=int, default=1, help="validate every N steps (default 1)")
     ap.add_argument("--out", type=Path, default=Path("runs/credit_assignment"))
+    ap.add_argument("--warm", type=Path, default=None,
+                    help="start every seed from this warm-started policy (e.g. a `memr2 train` run's warm_start/); "
+                         "default: one warm start per seed")
     args = ap.parse_args()
 
     from agents.curriculum import validate
@@ -93,7 +96,7 @@ def main() -> None:
     curves_rows, run_rows = [], []
     for seed in args.seeds:
         seeds = _task_seeds(seed, preset)
-        warm = args.out / f"warm-s{seed}"
+        warm = args.warm or args.out / f"warm-s{seed}"
         if not (warm / "config.json").exists():
             warm_start(warm, preset, seed=seed, task_seeds=seeds["sft"], eval_seeds=seeds["val"], progress=False)
         # Held-out F1 of the shared starting point, at each horizon the runs validate on.
