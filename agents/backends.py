@@ -19,6 +19,7 @@ so the policy is also trained on when to stop.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Protocol, runtime_checkable
@@ -166,25 +167,20 @@ class HFBackend:
         # Greedy decoding still gets neutral values, so that a model's sampling defaults do not
         # trigger warnings about unused settings.
         sampling = {"temperature": 1.0 if greedy else float(temperature), "top_p": 1.0 if greedy else float(top_p)}
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            with torch.no_grad(), _seeded(seed, device):
-                out = self.model.generate(
-                    input_ids=input_ids,
-                    attention_mask=attention_mask,
-                    do_sample=not greedy,
-                    max_new_tokens=int(max_new_tokens),
-                    eos_token_id=self.stop_ids,
-                    pad_token_id=self.pad_id,
-                    return_dict_in_generate=True,
-                    output_logits=True,
-                    **_NEUTRAL_SAMPLING,
-                    **self._min_p,
-                    **sampling,
-                )
-        finally:
-            self.model.train(was_training)
+        with _eval_mode(self.model), torch.no_grad(), _seeded(seed, device):
+            out = self.model.generate(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                do_sample=not greedy,
+                max_new_tokens=int(max_new_tokens),
+                eos_token_id=self.stop_ids,
+                pad_token_id=self.pad_id,
+                return_dict_in_generate=True,
+                output_logits=True,
+                **_NEUTRAL_SAMPLING,
+                **self._min_p,
+                **sampling,
+            )
         new_tokens = out.sequences[:, input_ids.shape[1] :]
         # logits: one (batch, vocab) tensor per generated position, raw (before temperature).
         logits = torch.stack(out.logits, dim=1).float()
@@ -195,7 +191,6 @@ class HFBackend:
             _trim(new_tokens[i].tolist(), token_logprobs[i].tolist(), self.stop_ids)
             for i in range(new_tokens.shape[0])
         ]
-
 
     def generate_continuous(
         self,
@@ -223,25 +218,19 @@ class HFBackend:
             raise NotImplementedError(f"{type(self.model).__name__} has a KV cache continuous batching cannot merge")
         if not prompt_ids:
             return 0
-        was_training = self.model.training
-        self.model.eval()
-        try:
+        with _eval_mode(self.model):
             return continuous_generate(
                 self.model, prompt_ids, next_prompt, stop_ids=self.stop_ids, pad_id=self.pad_id,
                 temperature=float(temperature), top_p=float(top_p), max_new_tokens=int(max_new_tokens),
                 seed=seed, max_batch=max_batch,
             )
-        finally:
-            self.model.train(was_training)
 
-    @property
+    @functools.cached_property
     def supports_continuous(self) -> bool:
         """Whether :meth:`generate_continuous` works with this model."""
-        if not hasattr(self, "_continuous_ok"):
-            from agents.continuous import supports_continuous
+        from agents.continuous import supports_continuous
 
-            self._continuous_ok = supports_continuous(self.model)
-        return self._continuous_ok
+        return supports_continuous(self.model)
 
 
 def left_pad(
@@ -277,6 +266,17 @@ def _check_sampling_args(prompt_ids, temperature: float, top_p: float, max_new_t
     for i, prompt in enumerate(prompt_ids):
         if len(prompt) == 0:
             raise ValueError(f"prompt {i} is empty")
+
+
+@contextmanager
+def _eval_mode(model) -> Iterator[None]:
+    """Run the block with ``model`` in eval mode, then restore its training flag."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
 
 
 @contextmanager

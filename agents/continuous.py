@@ -30,9 +30,9 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-__all__ = ["continuous_generate", "supports_continuous", "sample_tokens"]
+from agents.backends import BackendOutput, left_pad
 
-BackendOutput = tuple[list[int], list[float], str]
+__all__ = ["continuous_generate", "supports_continuous", "sample_tokens"]
 
 
 def supports_continuous(model) -> bool:
@@ -78,7 +78,6 @@ class _Batch:
 
     def __init__(self):
         self.slots: list[int] = []
-        self.prompts: list[list[int]] = []
         self.ids: list[list[int]] = []
         self.logprobs: list[list[float]] = []
         self.cache = None
@@ -88,7 +87,7 @@ class _Batch:
     def __len__(self) -> int:
         return len(self.slots)
 
-    def add(self, slots, prompts, cache, mask, logits) -> None:
+    def add(self, slots, cache, mask, logits) -> None:
         """Merge freshly prefilled rows (their own cache, mask and last logits) into the batch."""
         if self.cache is None:
             self.cache, self.mask, self.next_logits = cache, mask, logits
@@ -100,7 +99,6 @@ class _Batch:
             self.mask = torch.cat([_left_pad(self.mask, width), _left_pad(mask, width)], dim=0)
             self.next_logits = torch.cat([self.next_logits, logits], dim=0)
         self.slots += slots
-        self.prompts += prompts
         self.ids += [[] for _ in slots]
         self.logprobs += [[] for _ in slots]
 
@@ -117,7 +115,7 @@ class _Batch:
             layer.values = layer.values.index_select(0, index)
         self.mask = self.mask.index_select(0, index)
         self.next_logits = self.next_logits.index_select(0, index)
-        for name in ("slots", "prompts", "ids", "logprobs"):
+        for name in ("slots", "ids", "logprobs"):
             values = getattr(self, name)
             setattr(self, name, [values[r] for r in rows])
 
@@ -145,8 +143,6 @@ def _left_pad(x: torch.Tensor, width: int) -> torch.Tensor:
 
 def _prefill(model, prompts: Sequence[Sequence[int]], pad_id: int):
     """Run the prompts once; returns their cache, 0/1 mask and the logits of the last token."""
-    from agents.backends import left_pad
-
     input_ids, mask = left_pad(prompts, pad_id, model.device)
     position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
     out = model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, use_cache=True, logits_to_keep=1)
@@ -216,7 +212,7 @@ def continuous_generate(
             taken = [waiting.popleft() for _ in range(min(free, len(waiting)))]
             cache, mask, logits = _prefill(model, [p for _, p in taken], pad_id)
             calls += 1
-            batch.add([s for s, _ in taken], [p for _, p in taken], cache, mask, logits)
+            batch.add([s for s, _ in taken], cache, mask, logits)
         tokens, logprobs = sample_tokens(batch.next_logits, temperature, top_p, generator)
         running = []
         for row, (token, logprob) in enumerate(zip(tokens.tolist(), logprobs.tolist())):

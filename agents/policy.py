@@ -197,11 +197,11 @@ class SharedPolicy:
             max_new_tokens: most tokens per action, stop token included.
             seed: same seed and same batch give the same samples; ``None`` uses the global RNG.
         """
-        roles, prompts = zip(*(self._encode(i, obs) for i, obs in enumerate(observations))) if observations else ((), ())
+        encoded = [self._encode(i, obs) for i, obs in enumerate(observations)]
         outputs = self.backend.generate(
-            list(prompts), temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed
+            [prompt for _, prompt in encoded], temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed
         )
-        return [self._generation(role, prompt, output) for role, prompt, output in zip(roles, prompts, outputs)]
+        return [self._generation(role, prompt, output) for (role, prompt), output in zip(encoded, outputs)]
 
     @property
     def supports_continuous(self) -> bool:
@@ -225,23 +225,18 @@ class SharedPolicy:
         Same sampling settings and log-prob convention as :meth:`generate`. Returns the number
         of forward calls the backend made.
         """
-        roles: dict[int, int] = {}
-        first = []
-        for i, obs in enumerate(observations):
-            roles[i], prompt = self._encode(i, obs)
-            first.append(prompt)
+        current = [self._encode(i, obs) for i, obs in enumerate(observations)]  # (role, prompt) per slot
 
         def follow(slot: int, output) -> list[int] | None:
-            generation = self._generation(roles[slot], prompt_of[slot], output)
-            obs = on_generation(slot, generation)
+            obs = on_generation(slot, self._generation(*current[slot], output))
             if obs is None:
                 return None
-            roles[slot], prompt_of[slot] = self._encode(slot, obs)
-            return prompt_of[slot]
+            current[slot] = self._encode(slot, obs)
+            return current[slot][1]
 
-        prompt_of = dict(enumerate(first))
         return self.backend.generate_continuous(
-            first, follow, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed
+            [prompt for _, prompt in current], follow,
+            temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed,
         )
 
     def _encode(self, i: int, obs: Mapping) -> tuple[int, list[int]]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-
 import json
 import zlib
 from dataclasses import dataclass, field, replace
@@ -266,18 +265,15 @@ class MemSessionEnv(gym.Env):
         return len(self.task_seeds) if self.task_seeds is not None else None
 
     def _synthetic(self, task_seed: int) -> Conversation:
-        from memenv.data.synthetic import SyntheticConfig
+        from memenv.data.synthetic import SyntheticConfig, generate_conversation
 
         cfg = self.synthetic_config or SyntheticConfig()
         if cfg.num_sessions < self.horizon:
             cfg = replace(cfg, num_sessions=self.horizon)
         try:
-            hash(cfg)
-        except TypeError:  # a config holding lists: generate without the shared cache
-            from memenv.data.synthetic import generate_conversation
-
+            return _shared_synthetic(int(task_seed), cfg)
+        except TypeError:  # an unhashable config (holding lists): generate without the cache
             return generate_conversation(int(task_seed), cfg)
-        return _shared_synthetic(int(task_seed), cfg)
 
     def _pick_task(self, options: dict) -> Conversation:
         if "conversation" in options:
