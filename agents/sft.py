@@ -77,11 +77,15 @@ class Example(NamedTuple):
 def sft_horizon(preset) -> int:
     """Sessions per teacher episode for the warm-start data of ``preset``.
 
-    The longest horizon of the curriculum (at least :data:`MIN_SFT_HORIZON`): the warmed model
-    then has seen manager prompts with as many candidate memories as it will meet in the last
-    stage, not only the short memories of the first stage.
+    ``preset.sft_horizon`` when set (at least :data:`MIN_SFT_HORIZON`). Otherwise the longest
+    horizon of the curriculum: the warmed model then has seen manager prompts with as many
+    candidate memories as it will meet in the last stage. The tiny preset sets 8 sessions over
+    384 conversations instead of 32 sessions over 24: with few conversations the tiny model
+    memorises each conversation's names and values instead of reading them from the prompt
+    (see docs/training.md, "Warm start").
     """
-    return max(MIN_SFT_HORIZON, max(stage.horizon for stage in preset.stages))
+    horizon = preset.sft_horizon or max(stage.horizon for stage in preset.stages)
+    return max(MIN_SFT_HORIZON, int(horizon))
 
 
 def teacher_examples(preset, task_seeds: Sequence[int], *, horizon: int, noise: float, seed: int) -> list[Example]:

@@ -85,6 +85,8 @@ class TrainPreset:
     """Warm-start learning rate."""
     sft_tasks: int = 32
     """Synthetic conversations the teacher plays for the warm-start data."""
+    sft_horizon: int | None = None
+    """Sessions per warm-start conversation (None: the curriculum's longest horizon, at least 8)."""
     teacher_noise: float = 0.3
     """Mistake rate of the noisy teacher."""
     tiny_hidden: int = 192
@@ -111,7 +113,7 @@ PRESETS: dict[str, TrainPreset] = {
     "tiny": TrainPreset(
         stages=(Stage(8, 3), Stage(16, 2), Stage(32, 1)), n_rollouts=4, m_reruns=4, max_questions=32,
         local_max_questions=16, lr=5e-5, epochs=2, micro_batch=32, max_new_tokens=128, slices_per_session=3,
-        n_train=32, n_val=2, n_test=4, sft_steps=400, sft_batch=32, sft_tasks=24,
+        n_train=32, n_val=2, n_test=4, sft_steps=400, sft_batch=32, sft_tasks=384, sft_horizon=8,
     ),
     # The paper's settings, for a 7B instruct model on GPUs (use with --model PATH).
     "paper": TrainPreset(prompt_style="full", sft_steps=0),

@@ -83,9 +83,12 @@ def test_teacher_examples_follow_the_env_observations():
         obs, *_ = env.step(e.action)
 
 
-def test_sft_horizon_covers_the_whole_curriculum():
-    assert sft_horizon(PRESETS["tiny"]) == 32
+def test_sft_horizon_covers_the_whole_curriculum_unless_the_preset_sets_it():
+    assert sft_horizon(PRESETS["quick"]) == 8  # curriculum 4 -> 8
+    assert sft_horizon(replace(PRESETS["tiny"], sft_horizon=None)) == 32
+    assert sft_horizon(PRESETS["tiny"]) == 8  # many short conversations instead
     assert sft_horizon(PRESETS["smoke"]) == 8  # at least MIN_SFT_HORIZON sessions
+    assert sft_horizon(replace(PRESETS["smoke"], sft_horizon=2)) == 8
 
 
 def test_batch_order_is_seeded_and_covers_the_data():
