@@ -202,10 +202,11 @@ class HFBackend:
         max_new_tokens: int = 256,
         seed: int | None = None,
         max_batch: int | None = None,
-    ) -> int:
+    ) -> dict[str, int]:
         """Continuous batching (see :mod:`agents.continuous`): each slot starts with
         ``prompt_ids[slot]``; when its completion ends, ``next_prompt(slot, output)`` returns
-        the slot's next prompt or ``None``. Returns the number of forward calls.
+        the slot's next prompt or ``None``. Returns the work counts of
+        :func:`agents.continuous.continuous_generate` (forward calls, prefill calls and tokens).
 
         Raises:
             NotImplementedError: the model's KV cache cannot be merged (sliding-window or
@@ -217,7 +218,7 @@ class HFBackend:
         if not self.supports_continuous:
             raise NotImplementedError(f"{type(self.model).__name__} has a KV cache continuous batching cannot merge")
         if not prompt_ids:
-            return 0
+            return {"forward_calls": 0, "prefill_calls": 0, "prefill_tokens": 0}
         with _eval_mode(self.model):
             return continuous_generate(
                 self.model, prompt_ids, next_prompt, stop_ids=self.stop_ids, pad_id=self.pad_id,

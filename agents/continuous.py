@@ -176,7 +176,7 @@ def continuous_generate(
     seed: int | None = None,
     max_batch: int | None = None,
     refill_fraction: float = 0.25,
-) -> int:
+) -> dict[str, int]:
     """Generate with continuous batching until every slot's callback returns ``None``.
 
     Args:
@@ -192,7 +192,8 @@ def continuous_generate(
             (or at once when nothing else runs); batching prefills saves forward calls.
 
     Returns:
-        The number of forward calls made (prefills and decode steps).
+        Counts of the work done: ``forward_calls`` (prefills and decode steps),
+        ``prefill_calls`` and ``prefill_tokens`` (prompt tokens run through the model).
     """
     device = model.device
     generator = None
@@ -205,13 +206,15 @@ def continuous_generate(
     waiting = deque((slot, list(p)) for slot, p in enumerate(prompts))
     batch = _Batch()
     cache_kwarg = _cache_kwarg(model)
-    calls = 0
+    stats = {"forward_calls": 0, "prefill_calls": 0, "prefill_tokens": 0}
     while waiting or len(batch):
         free = capacity - len(batch)
         if waiting and free > 0 and (not len(batch) or min(free, len(waiting)) >= threshold):
             taken = [waiting.popleft() for _ in range(min(free, len(waiting)))]
             cache, mask, logits = _prefill(model, [p for _, p in taken], pad_id)
-            calls += 1
+            stats["forward_calls"] += 1
+            stats["prefill_calls"] += 1
+            stats["prefill_tokens"] += sum(len(p) for _, p in taken)
             batch.add([s for s, _ in taken], cache, mask, logits)
         tokens, logprobs = sample_tokens(batch.next_logits, temperature, top_p, generator)
         running = []
@@ -244,8 +247,8 @@ def continuous_generate(
             use_cache=True,
             **{cache_kwarg: batch.cache},
         )
-        calls += 1
+        stats["forward_calls"] += 1
         batch.cache = _cache_of(out)
         batch.next_logits = out.logits[:, -1]
         batch.trim()
-    return calls
+    return stats

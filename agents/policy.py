@@ -217,13 +217,13 @@ class SharedPolicy:
         top_p: float = 1.0,
         max_new_tokens: int = 256,
         seed: int | None = None,
-    ) -> int:
+    ) -> dict[str, int]:
         """Sample actions with continuous batching: slot ``i`` starts from ``observations[i]``;
         whenever one of its actions is complete, ``on_generation(i, generation)`` returns the
         slot's next observation (``None``: the slot is done). Rows never wait for each other.
 
-        Same sampling settings and log-prob convention as :meth:`generate`. Returns the number
-        of forward calls the backend made.
+        Same sampling settings and log-prob convention as :meth:`generate`. Returns the
+        backend's work counts (``forward_calls``, ``prefill_calls``, ``prefill_tokens``).
         """
         current = [self._encode(i, obs) for i, obs in enumerate(observations)]  # (role, prompt) per slot
 

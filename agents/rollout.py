@@ -105,8 +105,9 @@ class RolloutEngine:
             prompts; ``None`` (default): continuous when the policy supports it.
 
     ``timing`` accumulates ``generate_s`` (sampling), ``env_s`` (env steps and bookkeeping),
-    ``calls`` (generation calls), ``forward_calls`` (model forwards in continuous mode) and
-    ``generated_tokens`` over the engine's life.
+    ``calls`` (generation calls), ``forward_calls``, ``prefill_calls`` and ``prefill_tokens``
+    (model forwards, of which prompt prefills, and the prompt tokens they ran; continuous mode
+    only) and ``generated_tokens`` over the engine's life.
     """
 
     def __init__(
@@ -131,7 +132,10 @@ class RolloutEngine:
         self._pool: list[gym.Env] = []
         self._next_episode_id = 0
         self.continuous = continuous
-        self.timing = {"generate_s": 0.0, "env_s": 0.0, "calls": 0, "forward_calls": 0, "generated_tokens": 0}
+        self.timing = {
+            "generate_s": 0.0, "env_s": 0.0, "calls": 0, "forward_calls": 0, "prefill_calls": 0, "prefill_tokens": 0,
+            "generated_tokens": 0,
+        }
 
     def _use_continuous(self) -> bool:
         supported = bool(getattr(self.policy, "supports_continuous", False))
@@ -223,9 +227,11 @@ class RolloutEngine:
         if self._use_continuous():
             t0 = time.perf_counter()
             env_before = self.timing["env_s"]
-            self.timing["forward_calls"] += self.policy.generate_continuous(
+            counts = self.policy.generate_continuous(
                 list(obs), advance, seed=None if seed is None else seed * 1_000_003, **sample
             )
+            for key, value in counts.items():
+                self.timing[key] = self.timing.get(key, 0) + value
             self.timing["calls"] += 1
             self.timing["generate_s"] += time.perf_counter() - t0 - (self.timing["env_s"] - env_before)
         else:

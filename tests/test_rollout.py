@@ -51,8 +51,11 @@ def test_greedy_continuous_batching_reproduces_static_batching(policy):
         got[(slot, turn)] = output
         return follow_ups[slot] if turn == 0 else None
 
-    policy.backend.generate_continuous(prompts, next_prompt, temperature=0, max_new_tokens=12, max_batch=3)
+    counts = policy.backend.generate_continuous(prompts, next_prompt, temperature=0, max_new_tokens=12, max_batch=3)
     assert len(got) == 2 * len(prompts)
+    # Every prompt is prefilled exactly once; decode steps make up the other forward calls.
+    assert counts["prefill_tokens"] == sum(len(p) for p in prompts) + sum(len(p) for p in follow_ups.values())
+    assert 1 <= counts["prefill_calls"] <= 2 * len(prompts) < counts["forward_calls"]
     for slot, prompt in enumerate(prompts):
         for turn, p in enumerate((prompt, follow_ups[slot])):
             (expected,) = policy.backend.generate([p], temperature=0, max_new_tokens=12)
