@@ -217,8 +217,6 @@ class HFBackend:
         _check_sampling_args(prompt_ids, temperature, top_p, max_new_tokens)
         if not self.supports_continuous:
             raise NotImplementedError(f"{type(self.model).__name__} has a KV cache continuous batching cannot merge")
-        if not prompt_ids:
-            return {"forward_calls": 0, "prefill_calls": 0, "prefill_tokens": 0}
         with _eval_mode(self.model):
             return continuous_generate(
                 self.model, prompt_ids, next_prompt, stop_ids=self.stop_ids, pad_id=self.pad_id,

@@ -56,6 +56,7 @@ def test_greedy_continuous_batching_reproduces_static_batching(policy):
     # Every prompt is prefilled exactly once; decode steps make up the other forward calls.
     assert counts["prefill_tokens"] == sum(len(p) for p in prompts) + sum(len(p) for p in follow_ups.values())
     assert 1 <= counts["prefill_calls"] <= 2 * len(prompts) < counts["forward_calls"]
+    assert policy.backend.generate_continuous([], next_prompt) == {"forward_calls": 0, "prefill_calls": 0, "prefill_tokens": 0}
     for slot, prompt in enumerate(prompts):
         for turn, p in enumerate((prompt, follow_ups[slot])):
             (expected,) = policy.backend.generate([p], temperature=0, max_new_tokens=12)
