@@ -433,8 +433,8 @@ def warm_start(
 
     Steps: (1) the teacher plays ``task_seeds`` (the training data) and ``eval_seeds`` (held-out
     probe observations) for :func:`sft_horizon` sessions;
-    (2) the tiny model (``preset.tiny_hidden`` x ``preset.tiny_layers``, weights seeded by
-    ``seed``) is built in a temporary directory and loaded as a
+    (2) the tiny model (``preset.tiny_hidden`` x ``preset.tiny_layers``, ``preset.tiny_heads``
+    heads, weights seeded by ``seed``) is built in a temporary directory and loaded as a
     :class:`~agents.policy.SharedPolicy`; (3) the valid-JSON rate of its greedy actions on the
     probes is measured before and after :func:`behaviour_clone` with ``preset.sft_steps``,
     ``preset.sft_batch`` and ``preset.sft_lr``; (4) the warmed policy is validated on
@@ -478,7 +478,9 @@ def warm_start(
     probes = _probe_examples(held_out, probes_per_role, seed)
 
     with tempfile.TemporaryDirectory(prefix="memr2-tiny-") as tmp:
-        build_tiny_model(tmp, seed=seed, hidden_size=preset.tiny_hidden, num_layers=preset.tiny_layers)
+        build_tiny_model(
+            tmp, seed=seed, hidden_size=preset.tiny_hidden, num_layers=preset.tiny_layers, num_heads=preset.tiny_heads
+        )
         policy = SharedPolicy.from_pretrained(tmp, device=device, prompt_style=preset.prompt_style)
     parameters = sum(p.numel() for p in policy.model.parameters())
     lengths = _length_stats(policy, examples, max_new_tokens)
@@ -508,7 +510,10 @@ def warm_start(
         "batch_size": preset.sft_batch,
         "lr": preset.sft_lr,
         "teacher_noise": preset.teacher_noise,
-        "model": {"hidden_size": preset.tiny_hidden, "num_layers": preset.tiny_layers, "parameters": parameters},
+        "model": {
+            "hidden_size": preset.tiny_hidden, "num_layers": preset.tiny_layers, "num_heads": preset.tiny_heads,
+            "parameters": parameters,
+        },
         "data": {
             "train_tasks": len(task_seeds),
             "train_horizon": data_horizon,

@@ -93,6 +93,8 @@ class TrainPreset:
     """Hidden size of the tiny model."""
     tiny_layers: int = 4
     """Layers of the tiny model."""
+    tiny_heads: int = 8
+    """Attention heads of the tiny model (see :func:`agents.tiny.tiny_config` for why 8)."""
     prompt_style: str = "compact"
     """Role prompts: compact (tiny model) or full (instruct LLMs)."""
 
