@@ -121,7 +121,8 @@ def tiny_config(
     would buy 1.5x faster rollouts at the risk of too little capacity for the manager role.
     (Speeds measured with 4 heads.) 8 heads of 24 dimensions rather than 4 of 48: same
     parameters, and in a 1,200-step warm start the 8-head model began to copy names from its
-    prompt at about step 700, the 4-head one at about step 1,100 (docs/results.md). The token ids default to the order of :data:`SPECIAL_TOKENS`.
+    prompt at about step 700, the 4-head one at about step 1,100 (docs/results.md).
+    The token ids default to the order of :data:`SPECIAL_TOKENS`.
     """
     from transformers import LlamaConfig
 
