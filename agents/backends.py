@@ -100,6 +100,9 @@ _NEUTRAL_SAMPLING = dict(
     num_return_sequences=1,
 )
 
+# The truncations above that act only when sampling (greedy decoding ignores them).
+_SAMPLING_ONLY = ("top_k", "typical_p", "epsilon_cutoff", "eta_cutoff")
+
 # Processors that only a None value disables, which a generate call cannot pass (None means
 # "take the model's value"): a model whose generation_config sets one of them is refused.
 _UNSUPPORTED_PROCESSORS = (
@@ -165,8 +168,10 @@ class HFBackend:
         input_ids, attention_mask = left_pad(prompt_ids, self.pad_id, device)
         greedy = temperature == 0
         # Greedy decoding still gets neutral values, so that a model's sampling defaults do not
-        # trigger warnings about unused settings.
+        # trigger warnings about unused settings; top-k and the other truncations that only act
+        # when sampling are left out then (transformers warns about any value it would ignore).
         sampling = {"temperature": 1.0 if greedy else float(temperature), "top_p": 1.0 if greedy else float(top_p)}
+        neutral = {k: v for k, v in _NEUTRAL_SAMPLING.items() if not (greedy and k in _SAMPLING_ONLY)}
         with _eval_mode(self.model), torch.no_grad(), _seeded(seed, device):
             out = self.model.generate(
                 input_ids=input_ids,
@@ -177,7 +182,7 @@ class HFBackend:
                 pad_token_id=self.pad_id,
                 return_dict_in_generate=True,
                 output_logits=True,
-                **_NEUTRAL_SAMPLING,
+                **neutral,
                 **self._min_p,
                 **sampling,
             )

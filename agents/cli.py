@@ -33,7 +33,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if getattr(args, "no_progress", False):
+        _hide_transformers_progress_bars()
     return int(importlib.import_module(args._module).run(args) or 0)
+
+
+def _hide_transformers_progress_bars() -> None:
+    """``--no-progress`` also hides the bars transformers draws while saving and loading."""
+    try:
+        from transformers.utils import logging
+    except ImportError:  # memr2 eval runs without transformers
+        return
+    logging.disable_progress_bar()
 
 
 if __name__ == "__main__":

@@ -187,7 +187,10 @@ def continuous_generate(
             Called in a deterministic order (by step, then by row).
         stop_ids, pad_id: stop tokens and the padding id.
         temperature, top_p, max_new_tokens, seed: as in :meth:`agents.backends.HFBackend.generate`.
-        max_batch: most rows decoded at once (default: the number of slots).
+        max_batch: most rows decoded at once (default: the number of slots). With fewer rows
+            than slots, the slots queue for a row: a running slot's next prompt goes ahead of
+            every slot that has not started, so started episodes finish first and rows stay
+            busy until the queue is empty.
         refill_fraction: waiting prompts are prefilled once they fill this share of the batch
             (or at once when nothing else runs); batching prefills saves forward calls.
 
@@ -203,14 +206,16 @@ def continuous_generate(
     stop = set(int(s) for s in stop_ids)
     capacity = max(1, max_batch or len(prompts))
     threshold = max(1, int(refill_fraction * capacity))
-    waiting = deque((slot, list(p)) for slot, p in enumerate(prompts))
+    fresh = deque((slot, list(p)) for slot, p in enumerate(prompts))  # slots not started yet
+    waiting: deque[tuple[int, list[int]]] = deque()  # next prompts of started slots: served first
     batch = _Batch()
     cache_kwarg = _cache_kwarg(model)
     stats = {"forward_calls": 0, "prefill_calls": 0, "prefill_tokens": 0}
-    while waiting or len(batch):
+    while waiting or fresh or len(batch):
         free = capacity - len(batch)
-        if waiting and free > 0 and (not len(batch) or min(free, len(waiting)) >= threshold):
-            taken = [waiting.popleft() for _ in range(min(free, len(waiting)))]
+        queued = len(waiting) + len(fresh)
+        if queued and free > 0 and (not len(batch) or min(free, queued) >= threshold):
+            taken = [(waiting or fresh).popleft() for _ in range(min(free, queued))]
             cache, mask, logits = _prefill(model, [p for _, p in taken], pad_id)
             stats["forward_calls"] += 1
             stats["prefill_calls"] += 1

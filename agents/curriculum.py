@@ -48,14 +48,18 @@ def parse_stages(text: str) -> tuple[Stage, ...]:
     return tuple(stages)
 
 
-def validate(policy, env_fn: Callable, tasks: Sequence[int], *, max_new_tokens: int, max_questions: int | None = None, seed: int = 0) -> dict[str, float]:
+def validate(
+    policy, env_fn: Callable, tasks: Sequence[int], *, max_new_tokens: int, max_questions: int | None = None, seed: int = 0,
+    max_batch: int | None = None,
+) -> dict[str, float]:
     """Greedy rollouts of ``policy`` on held-out ``tasks``; the final memory answers every
-    question valid at the end of the horizon (``final`` mode).
+    question valid at the end of the horizon (``final`` mode). ``max_batch`` caps the rows
+    decoded at once (see :class:`agents.rollout.RolloutEngine`).
 
     Returns mean ``f1``, ``bleu1``, ``penalty``, ``reward`` (f1 - penalty), ``memory_size``,
     ``m_fail``, the share of actions that failed to parse, and generated tokens.
     """
-    engine = RolloutEngine(policy, env_fn, temperature=0.0, max_new_tokens=max_new_tokens, save_states=False)
+    engine = RolloutEngine(policy, env_fn, temperature=0.0, max_new_tokens=max_new_tokens, save_states=False, max_batch=max_batch)
     episodes = engine.run([Start(options={"task": int(t)}) for t in tasks], seed=seed)
     scorer = env_fn().unwrapped
     f1, bleu, pen, size, mfail = [], [], [], [], []

@@ -217,13 +217,16 @@ class SharedPolicy:
         top_p: float = 1.0,
         max_new_tokens: int = 256,
         seed: int | None = None,
+        max_batch: int | None = None,
     ) -> dict[str, int]:
         """Sample actions with continuous batching: slot ``i`` starts from ``observations[i]``;
         whenever one of its actions is complete, ``on_generation(i, generation)`` returns the
         slot's next observation (``None``: the slot is done). Rows never wait for each other.
 
-        Same sampling settings and log-prob convention as :meth:`generate`. Returns the
-        backend's work counts (``forward_calls``, ``prefill_calls``, ``prefill_tokens``).
+        Same sampling settings and log-prob convention as :meth:`generate`; ``max_batch`` caps
+        the rows decoded at once (default: one per slot; slots beyond it queue for a row).
+        Returns the backend's work counts (``forward_calls``, ``prefill_calls``,
+        ``prefill_tokens``).
         """
         current = [self._encode(i, obs) for i, obs in enumerate(observations)]  # (role, prompt) per slot
 
@@ -236,7 +239,7 @@ class SharedPolicy:
 
         return self.backend.generate_continuous(
             [prompt for _, prompt in current], follow,
-            temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed,
+            temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed, max_batch=max_batch,
         )
 
     def _encode(self, i: int, obs: Mapping) -> tuple[int, list[int]]:

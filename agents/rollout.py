@@ -103,6 +103,13 @@ class RolloutEngine:
             steps as soon as its own action is complete, and its next prompt joins the running
             batch); ``False``: lockstep, one ``generate`` call per step over all pending
             prompts; ``None`` (default): continuous when the policy supports it.
+        max_batch: most prompts the model runs at once (``None``, the default: every active
+            environment). Continuous mode decodes at most this many rows, and environments
+            beyond it queue for a free row (a started episode's next action goes first);
+            lockstep mode splits each step into calls of at most this many prompts. It bounds
+            the memory of the KV cache when there are many rollouts (LoGo-GRPO's local groups),
+            and it changes which random numbers each row draws, so results are reproducible
+            for a given ``max_batch``.
 
     ``timing`` accumulates ``generate_s`` (sampling), ``env_s`` (env steps and bookkeeping),
     ``calls`` (generation calls), ``forward_calls``, ``prefill_calls`` and ``prefill_tokens``
@@ -121,7 +128,10 @@ class RolloutEngine:
         save_states: bool = True,
         progress: bool = False,
         continuous: bool | None = None,
+        max_batch: int | None = None,
     ):
+        if max_batch is not None and max_batch < 1:
+            raise ValueError(f"max_batch must be at least 1 (or None for no limit), got {max_batch}")
         self.policy = policy
         self.env_fn = env_fn
         self.temperature = temperature
@@ -132,6 +142,7 @@ class RolloutEngine:
         self._pool: list[gym.Env] = []
         self._next_episode_id = 0
         self.continuous = continuous
+        self.max_batch = max_batch
         self.timing = {
             "generate_s": 0.0, "env_s": 0.0, "calls": 0, "forward_calls": 0, "prefill_calls": 0, "prefill_tokens": 0,
             "generated_tokens": 0,
@@ -149,7 +160,7 @@ class RolloutEngine:
         return self._pool[:n]
 
     def run(self, starts: Sequence[Start], seed: int = 0, temperature: float | None = None) -> list[EpisodeRecord]:
-        """Run one rollout per ``Start``, all in lockstep; returns records in the same order.
+        """Run one rollout per ``Start``, all at once; returns records in the same order.
 
         The same starts and ``seed`` give the same records (sampling is seeded per call).
         """
@@ -228,7 +239,7 @@ class RolloutEngine:
             t0 = time.perf_counter()
             env_before = self.timing["env_s"]
             counts = self.policy.generate_continuous(
-                list(obs), advance, seed=None if seed is None else seed * 1_000_003, **sample
+                list(obs), advance, seed=None if seed is None else seed * 1_000_003, max_batch=self.max_batch, **sample
             )
             for key, value in counts.items():
                 self.timing[key] = self.timing.get(key, 0) + value
@@ -240,15 +251,17 @@ class RolloutEngine:
                 active = [i for i, o in enumerate(obs) if o is not None]
                 if not active:
                     break
-                t0 = time.perf_counter()
-                gens = self.policy.generate(
-                    [obs[i] for i in active], seed=None if seed is None else seed * 1_000_003 + call, **sample
-                )
-                self.timing["generate_s"] += time.perf_counter() - t0
-                self.timing["calls"] += 1
-                call += 1
-                for i, gen in zip(active, gens):
-                    advance(i, gen)
+                width = self.max_batch or len(active)
+                for chunk in (active[j : j + width] for j in range(0, len(active), width)):
+                    t0 = time.perf_counter()
+                    gens = self.policy.generate(
+                        [obs[i] for i in chunk], seed=None if seed is None else seed * 1_000_003 + call, **sample
+                    )
+                    self.timing["generate_s"] += time.perf_counter() - t0
+                    self.timing["calls"] += 1
+                    call += 1
+                    for i, gen in zip(chunk, gens):
+                        advance(i, gen)
         if bar is not None:
             bar.close()
         return records

@@ -65,6 +65,10 @@ class TrainPreset:
     """Rollout sampling temperature."""
     max_new_tokens: int = 256
     """Most tokens per action."""
+    rollout_batch: int | None = None
+    """Most prompts the model runs at once in rollouts (None: every environment; see
+    :class:`agents.rollout.RolloutEngine`'s ``max_batch``). Lower it when the KV cache of many
+    rollouts does not fit in memory."""
     slices_per_session: int = 6
     """Slices per session (paper: 6)."""
     n_train: int = 64
@@ -132,6 +136,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stages", type=str, default=None, help="curriculum override, e.g. '8:10,16:5,32:5'")
     p.add_argument("--no-curriculum", action="store_true", help="train at the last stage's horizon for all steps")
     p.add_argument("--n-rollouts", type=int, default=None, help="override the global group size")
+    p.add_argument("--rollout-batch", type=int, default=None, help="most prompts decoded at once in rollouts (default: all)")
     p.add_argument("--device", default="cpu", help="torch device (cpu, cuda)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
@@ -144,6 +149,10 @@ def run(args: argparse.Namespace) -> int:
         preset = replace(preset, stages=(Stage(preset.stages[-1].horizon, sum(s.steps for s in preset.stages)),))
     if args.n_rollouts:
         preset = replace(preset, n_rollouts=args.n_rollouts)
+    if args.rollout_batch is not None:
+        if args.rollout_batch < 1:
+            raise SystemExit(f"memr2 train: --rollout-batch must be at least 1, got {args.rollout_batch}")
+        preset = replace(preset, rollout_batch=args.rollout_batch)
     out = args.out or Path("runs") / f"{args.preset}-{args.algo}-s{args.seed}"
     result = train(
         preset, out=out, algo=args.algo, model_path=args.model, resume=args.resume, seed=args.seed,
@@ -278,7 +287,10 @@ def train(
         ref = _load_policy(Path(state["stage_start"]), preset, device) if preset.kl_coef > 0 else None
         if ref is not None:
             ref.model.eval().requires_grad_(False)
-        engine = RolloutEngine(policy, env_fn, temperature=preset.temperature, max_new_tokens=preset.max_new_tokens, progress=progress)
+        engine = RolloutEngine(
+            policy, env_fn, temperature=preset.temperature, max_new_tokens=preset.max_new_tokens, progress=progress,
+            max_batch=preset.rollout_batch,
+        )
         trainer = trainer_cls(policy, engine, env_fn().unwrapped, cfg, ref_policy=ref, seed=seed * 1000 + stage_idx)
         trainer.generated_tokens = state["generated_tokens"]
         if optimizer_state is not None and state["step"] > 0:
@@ -321,7 +333,8 @@ def train(
         shutil.rmtree(final)
     shutil.copytree(state["stage_start"], final)
     horizon = preset.stages[-1].horizon
-    test = validate(policy, make_env_fn(preset, horizon, seeds["test"]), range(len(seeds["test"])), max_new_tokens=preset.max_new_tokens, seed=seed)
+    test = validate(policy, make_env_fn(preset, horizon, seeds["test"]), range(len(seeds["test"])), max_new_tokens=preset.max_new_tokens, seed=seed,
+                    max_batch=preset.rollout_batch)
     logger.log(state["global_step"], {f"test/{k}": v for k, v in test.items()})
     logger.close()
     results = {"settings": settings, "validation": state["validation"], "test": test, "generated_tokens": state["generated_tokens"]}
@@ -334,7 +347,7 @@ def _validate_and_keep(policy, val_fn, val_seeds, preset, state, stage_idx, stag
     from agents.checkpoint import save_checkpoint
     from agents.curriculum import validate
 
-    val = validate(policy, val_fn, range(len(val_seeds)), max_new_tokens=preset.max_new_tokens)
+    val = validate(policy, val_fn, range(len(val_seeds)), max_new_tokens=preset.max_new_tokens, max_batch=preset.rollout_batch)
     record = {"stage": stage_idx, "horizon": stage.horizon, "step": state["step"], "train_generated_tokens": state["generated_tokens"], **val}
     state["validation"].append(record)
     logger.log(state["global_step"], {f"val/{k}": v for k, v in val.items()})

@@ -5,9 +5,9 @@ Compares generated tokens per second of
 * the engine with continuous batching (the default): each env steps as soon as its own action is
   complete and its next prompt joins the running batch;
 * the engine in lockstep mode: N environments, one batched ``generate`` call per step;
-* the ceiling: one big ``generate`` call over the same first-step prompts (no env at all),
+* the ceiling: one big ``generate`` call over ``--rows`` first-step prompts (no env at all),
   forced to ``max_new_tokens`` per row: the model's decode throughput at this batch width;
-* the same-work ceiling: every prompt the engine ran, ``--envs`` per ``generate`` call, forced
+* the same-work ceiling: every prompt the engine ran, ``--rows`` per ``generate`` call, forced
   to the engine's mean completion length: the same prefill and decode work with no env and no
   waiting, so the engine's ratio to it is what scheduling costs;
 * a naive loop: the same episodes, one environment and one generation call at a time;
@@ -18,7 +18,11 @@ episode puts on any scheduler (an env's actions are sequential). Targets: at lea
 ceiling, env time under 5% of rollout time with the tiny model. All figures are ratios measured
 in this one run (best of ``--repeats``).
 
-    python benchmarks/rollout_perf.py [--model DIR] [--envs 16] [--horizon 2] [--max-new-tokens 128] [--repeats 2]
+``--envs`` rollouts share ``--rows`` batch rows (the engine's ``max_batch``; default: one row per
+env). With one row per env, the longest episode bounds the ratio (above); with more envs than
+rows, envs queue for a free row, as LoGo-GRPO's many short local reruns do in training.
+
+    python benchmarks/rollout_perf.py [--model DIR] [--envs 16] [--rows 16] [--horizon 2] [--max-new-tokens 128] [--repeats 2]
 
 Without ``--model`` a warm-started tiny model is built first (about a minute), so that
 completions have realistic lengths (a random model never stops before ``max_new_tokens``).
@@ -35,12 +39,14 @@ from pathlib import Path
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", type=Path, default=None, help="policy directory (default: warm-start a tiny model)")
-    ap.add_argument("--envs", type=int, default=16)
+    ap.add_argument("--envs", type=int, default=16, help="rollouts, all started at once")
+    ap.add_argument("--rows", type=int, default=None, help="batch rows, the engine's max_batch (default: --envs)")
     ap.add_argument("--horizon", type=int, default=2)
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--temperature", type=float, default=1.0)
     ap.add_argument("--repeats", type=int, default=2, help="best of this many runs for the engine and the ceilings")
     args = ap.parse_args()
+    rows = args.rows or args.envs
 
     import torch
 
@@ -65,7 +71,7 @@ def main() -> None:
     def engine_run(continuous: bool):
         engine = RolloutEngine(
             policy, env_fn, temperature=args.temperature, max_new_tokens=args.max_new_tokens,
-            save_states=False, continuous=continuous,
+            save_states=False, continuous=continuous, max_batch=rows,
         )
         t = time.perf_counter()
         records = engine.run(starts, seed=0)
@@ -97,19 +103,19 @@ def main() -> None:
         records, engine_tps, env_share, engine, tokens = engine_run(True)
         best["engine"] = max(best["engine"], engine_tps)
 
-        # Ceiling: one plain generate call over the first-step prompts of every env, forced to
+        # Ceiling: one plain generate call over the first-step prompts of `rows` envs, forced to
         # max_new_tokens in every row (no early stop, no padding rows): the model's decode
         # throughput at this batch width with one prefill per max_new_tokens tokens.
-        first = [r.turns[0].prompt_ids for r in records if r.turns]
+        first = [r.turns[0].prompt_ids for r in records if r.turns][:rows]
         n, seconds = forced_generate(first, args.max_new_tokens)
         best["ceiling"] = max(best["ceiling"], n / seconds)
 
-        # Same-work ceiling: every prompt the engine ran, in its order, --envs per generate call,
+        # Same-work ceiling: every prompt the engine ran, in its order, `rows` per generate call,
         # each row forced to the engine's mean completion length: the same prefill and about the
         # same decode work, but no env in the loop and no turn waiting for the previous one.
         turns = [t for r in records for t in r.turns]
         mean_completion = max(1, round(tokens / len(turns)))
-        done = [forced_generate([t.prompt_ids for t in turns[i : i + args.envs]], mean_completion) for i in range(0, len(turns), args.envs)]
+        done = [forced_generate([t.prompt_ids for t in turns[i : i + rows]], mean_completion) for i in range(0, len(turns), rows)]
         best["same_work"] = max(best["same_work"], sum(n for n, _ in done) / sum(s for _, s in done))
 
     # Lockstep (one generate call per step) and the naive loop, once.
@@ -123,33 +129,35 @@ def main() -> None:
     naive_tps = naive_tokens / (time.perf_counter() - t)
 
     ceiling = best["ceiling"]
-    print(f"model: {model_dir}  envs: {args.envs}  horizon: {args.horizon}  max_new_tokens: {args.max_new_tokens}  best of {args.repeats}")
+    print(f"model: {model_dir}  envs: {args.envs}  rows: {rows}  horizon: {args.horizon}  max_new_tokens: {args.max_new_tokens}  best of {args.repeats}")
     print("| rollout | generated tokens/s | vs ceiling |")
     print("|---|---:|---:|")
-    print(f"| one big generate call, first-step prompts, {args.max_new_tokens} tokens per row (ceiling) | {ceiling:,.0f} | 1.00x |")
-    print(f"| every prompt the engine ran, {args.envs} per generate call, mean completion length (same-work ceiling) | {best['same_work']:,.0f} | {best['same_work'] / ceiling:.2f}x |")
-    print(f"| rollout engine, continuous batching ({args.envs} envs) | {best['engine']:,.0f} | {best['engine'] / ceiling:.2f}x |")
-    print(f"| rollout engine, lockstep ({args.envs} envs, one generate call per step) | {lockstep_tps:,.0f} | {lockstep_tps / ceiling:.2f}x |")
+    print(f"| one big generate call, {rows} first-step prompts, {args.max_new_tokens} tokens per row (ceiling) | {ceiling:,.0f} | 1.00x |")
+    print(f"| every prompt the engine ran, {rows} per generate call, mean completion length (same-work ceiling) | {best['same_work']:,.0f} | {best['same_work'] / ceiling:.2f}x |")
+    print(f"| rollout engine, continuous batching ({args.envs} envs, {rows} rows) | {best['engine']:,.0f} | {best['engine'] / ceiling:.2f}x |")
+    print(f"| rollout engine, lockstep ({args.envs} envs, generate calls of at most {rows}) | {lockstep_tps:,.0f} | {lockstep_tps / ceiling:.2f}x |")
     print(f"| naive per-env loop ({naive_envs} envs) | {naive_tps:,.0f} | {naive_tps / ceiling:.2f}x |")
     print("\n(the engines and the loop count useful tokens; the ceilings count every forced token)")
 
     # Where the engine's time goes. An env's actions are sequential (each prompt needs the env's
     # reply to the previous action), so no scheduler can take fewer decode steps than the longest
-    # episode has tokens, and no schedule averages more rows per decode step than that allows.
+    # episode has tokens, nor fewer than the decoded tokens spread over every row; no schedule
+    # averages more rows per decode step than that allows.
     timing = engine.timing
     decode_steps = timing["forward_calls"] - timing["prefill_calls"]
     decoded = tokens - len(turns)  # each completion's first token comes from its prefill
     longest = max(r.generated_tokens - len(r.turns) for r in records)
+    fewest = max(longest, decoded / rows)
     print(f"\nengine / same-work ceiling: {best['engine'] / best['same_work']:.2f}x")
     print(
         f"continuous engine: {len(turns)} actions, {tokens} generated tokens, {timing['prefill_tokens']} prompt tokens "
         f"({timing['prefill_tokens'] / tokens:.1f} per generated token), {timing['prefill_calls']} prefill calls, "
-        f"{decode_steps} decode steps with {decoded / max(1, decode_steps):.1f} of {args.envs} rows on average"
+        f"{decode_steps} decode steps with {decoded / max(1, decode_steps):.1f} of {rows} rows on average"
     )
     print(
-        f"longest episode: {longest} decode steps, the fewest any scheduler needs ({decoded / args.envs:.0f} if all "
-        f"{args.envs} rows stayed busy), so no schedule averages more than {decoded / longest:.1f} rows per decode step, "
-        f"{decoded / (args.envs * longest):.2f} of the ceiling's {args.envs}"
+        f"longest episode: {longest} decode steps; all {rows} rows busy: {decoded / rows:.0f}; so any scheduler needs at "
+        f"least {fewest:.0f} decode steps and averages at most {decoded / fewest:.1f} rows per step, "
+        f"{decoded / (rows * fewest):.2f} of the ceiling's {rows}"
     )
     print(f"env time: {env_share:.1%} of the continuous engine's rollout time ({timing['forward_calls']} forward calls)")
     print(f"env time: {lockstep_env_share:.1%} of the lockstep engine's rollout time ({lockstep.timing['calls']} generate calls)")

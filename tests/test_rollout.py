@@ -65,6 +65,52 @@ def test_greedy_continuous_batching_reproduces_static_batching(policy):
             assert torch.allclose(torch.tensor(logprobs), torch.tensor(expected[1]), atol=LOGPROB_ATOL)
 
 
+def test_a_started_slot_goes_ahead_of_slots_that_have_not_started(policy):
+    """With fewer rows than slots, a running slot's next prompt is served before a new slot
+    starts, so episodes finish one after another instead of all advancing together."""
+    order = []
+
+    def next_prompt(slot, output):
+        order.append(slot)
+        return _prompts(policy, 1)[0] if order.count(slot) < 3 else None
+
+    policy.backend.generate_continuous(_prompts(policy, 3), next_prompt, temperature=0, max_new_tokens=4, max_batch=1)
+    assert order == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+
+
+@pytest.mark.parametrize("continuous", [True, False])
+def test_max_batch_caps_the_rows_and_keeps_greedy_rollouts(policy, continuous):
+    """Capping the batch queues environments for a row (continuous) or splits each step into
+    smaller calls (lockstep); greedy rollouts are the same as with every env in one batch."""
+    widths = []
+
+    class Counting:
+        supports_continuous = policy.supports_continuous
+
+        def generate(self, observations, **kwargs):
+            widths.append(len(observations))
+            return policy.generate(observations, **kwargs)
+
+        def generate_continuous(self, observations, on_generation, **kwargs):
+            widths.append(kwargs["max_batch"])
+            return policy.generate_continuous(observations, on_generation, **kwargs)
+
+    starts = [Start(options={"task": t % 2}, rollout_id=t) for t in range(5)]
+
+    def completions(max_batch):
+        engine = RolloutEngine(Counting(), _env_fn, temperature=0.0, max_new_tokens=16, continuous=continuous, max_batch=max_batch)
+        records = engine.run(starts, seed=0)
+        assert all(r.done and sorted(r.session_rewards) == [1, 2, 3] for r in records)
+        return [[t.completion_ids for t in r.turns] for r in records]
+
+    unlimited = completions(None)
+    widths.clear()
+    assert completions(2) == unlimited
+    assert widths and max(widths) == 2
+    with pytest.raises(ValueError, match="max_batch"):
+        RolloutEngine(policy, _env_fn, max_batch=0)
+
+
 @pytest.mark.parametrize("temperature, top_p", [(1.0, 1.0), (0.7, 0.9)])
 def test_continuous_logprobs_match_a_fresh_forward_pass(policy, temperature, top_p):
     prompts = _prompts(policy)

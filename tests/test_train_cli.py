@@ -16,7 +16,8 @@ from agents.curriculum import Stage, parse_stages
 
 
 def _train(out: Path, *extra: str) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "agents.cli", "train", "--preset", "smoke", "--out", str(out), "--no-progress", *extra]
+    # --rollout-batch 3: fewer rows than the smoke run's local reruns, so rollouts queue for a row.
+    cmd = [sys.executable, "-m", "agents.cli", "train", "--preset", "smoke", "--out", str(out), "--no-progress", "--rollout-batch", "3", *extra]
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=Path(__file__).parents[1])
 
 
@@ -50,11 +51,18 @@ def test_smoke_run_killed_mid_way_resumes_and_finishes(tmp_path):
     assert update_steps == [1, 2]  # step 1 from the killed run, step 2 after resuming: nothing repeated
     for name in ("curves.png", "config.json", "final/config.json", "warm_start/sft_report.json"):
         assert (out / name).exists(), name
+    assert json.loads((out / "config.json").read_text())["rollout_batch"] == 3
     # The final policy is a plain Hugging Face directory.
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     AutoModelForCausalLM.from_pretrained(out / "final", local_files_only=True)
     AutoTokenizer.from_pretrained(out / "final", local_files_only=True)
+
+
+def test_a_rollout_batch_below_one_is_refused(tmp_path):
+    proc = _train(tmp_path / "run", "--rollout-batch", "0")
+    assert proc.wait(timeout=120) != 0 and "--rollout-batch must be at least 1" in proc.stdout.read()
+    assert not (tmp_path / "run").exists()
 
 
 def test_parse_stages():
