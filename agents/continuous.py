@@ -188,9 +188,10 @@ def continuous_generate(
         stop_ids, pad_id: stop tokens and the padding id.
         temperature, top_p, max_new_tokens, seed: as in :meth:`agents.backends.HFBackend.generate`.
         max_batch: most rows decoded at once (default: the number of slots). With fewer rows
-            than slots, the slots queue for a row: a running slot's next prompt goes ahead of
-            every slot that has not started, so started episodes finish first and rows stay
-            busy until the queue is empty.
+            than slots, prompts queue for a row in arrival order: every slot's first prompt,
+            then each next prompt behind those already waiting. All slots advance together
+            and finish at about the same time; serving a started slot first instead leaves the
+            last episodes to run on a few rows at the end (see docs/training.md).
         refill_fraction: waiting prompts are prefilled once they fill this share of the batch
             (or at once when nothing else runs); batching prefills saves forward calls.
 
@@ -206,16 +207,14 @@ def continuous_generate(
     stop = set(int(s) for s in stop_ids)
     capacity = max(1, max_batch or len(prompts))
     threshold = max(1, int(refill_fraction * capacity))
-    fresh = deque((slot, list(p)) for slot, p in enumerate(prompts))  # slots not started yet
-    waiting: deque[tuple[int, list[int]]] = deque()  # next prompts of started slots: served first
+    queue = deque((slot, list(p)) for slot, p in enumerate(prompts))  # (slot, prompt), arrival order
     batch = _Batch()
     cache_kwarg = _cache_kwarg(model)
     stats = {"forward_calls": 0, "prefill_calls": 0, "prefill_tokens": 0}
-    while waiting or fresh or len(batch):
+    while queue or len(batch):
         free = capacity - len(batch)
-        queued = len(waiting) + len(fresh)
-        if queued and free > 0 and (not len(batch) or min(free, queued) >= threshold):
-            taken = [(waiting or fresh).popleft() for _ in range(min(free, queued))]
+        if queue and free > 0 and (not len(batch) or min(free, len(queue)) >= threshold):
+            taken = [queue.popleft() for _ in range(min(free, len(queue)))]
             cache, mask, logits = _prefill(model, [p for _, p in taken], pad_id)
             stats["forward_calls"] += 1
             stats["prefill_calls"] += 1
@@ -237,7 +236,7 @@ def continuous_generate(
             if follow is not None:
                 if len(follow) == 0:
                     raise ValueError(f"next_prompt returned an empty prompt for slot {batch.slots[row]}")
-                waiting.append((batch.slots[row], list(follow)))
+                queue.append((batch.slots[row], list(follow)))
         if len(running) < len(tokens):
             tokens = tokens.index_select(0, torch.as_tensor(running, dtype=torch.long, device=tokens.device))
         batch.keep(running)

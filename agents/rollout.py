@@ -104,8 +104,9 @@ class RolloutEngine:
             batch); ``False``: lockstep, one ``generate`` call per step over all pending
             prompts; ``None`` (default): continuous when the policy supports it.
         max_batch: most prompts the model runs at once (``None``, the default: every active
-            environment). Continuous mode decodes at most this many rows, and environments
-            beyond it queue for a free row (a started episode's next action goes first);
+            environment). Continuous mode decodes at most this many rows, and prompts queue
+            for a free row in arrival order (every environment's first action, then each next
+            action behind those already waiting, so all episodes advance together);
             lockstep mode splits each step into calls of at most this many prompts. It bounds
             the memory of the KV cache when there are many rollouts (LoGo-GRPO's local groups),
             and it changes which random numbers each row draws, so results are reproducible

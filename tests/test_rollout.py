@@ -65,9 +65,9 @@ def test_greedy_continuous_batching_reproduces_static_batching(policy):
             assert torch.allclose(torch.tensor(logprobs), torch.tensor(expected[1]), atol=LOGPROB_ATOL)
 
 
-def test_a_started_slot_goes_ahead_of_slots_that_have_not_started(policy):
-    """With fewer rows than slots, a running slot's next prompt is served before a new slot
-    starts, so episodes finish one after another instead of all advancing together."""
+def test_queued_prompts_are_served_in_arrival_order(policy):
+    """With fewer rows than slots, every slot starts before any slot's second prompt runs, and
+    next prompts queue behind those already waiting: all episodes advance together."""
     order = []
 
     def next_prompt(slot, output):
@@ -75,7 +75,7 @@ def test_a_started_slot_goes_ahead_of_slots_that_have_not_started(policy):
         return _prompts(policy, 1)[0] if order.count(slot) < 3 else None
 
     policy.backend.generate_continuous(_prompts(policy, 3), next_prompt, temperature=0, max_new_tokens=4, max_batch=1)
-    assert order == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    assert order == [0, 1, 2, 0, 1, 2, 0, 1, 2]
 
 
 @pytest.mark.parametrize("continuous", [True, False])
