@@ -26,7 +26,6 @@ from pathlib import Path
 __all__ = [
     "SPECIAL_TOKENS",
     "CHAT_TEMPLATE",
-    "NAME_SPLIT",
     "train_tokenizer",
     "tiny_config",
     "build_tiny_model",
@@ -54,9 +53,6 @@ CHAT_TEMPLATE = (
 )
 """Jinja chat template of the tiny tokenizer (system/user/assistant turns)."""
 
-NAME_SPLIT = r" (?=\p{Lu})"
-"""Pre-tokenizer pattern: a space followed by an upper-case letter is split off as its own piece."""
-
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int = 1024):
     """Train a byte-level BPE tokenizer on ``texts`` and wrap it for transformers.
@@ -64,14 +60,6 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 1024):
     Byte-level means every string, in any script, encodes losslessly: the 256 byte symbols are
     always in the vocabulary and merges only shorten sequences. No normalisation is applied and
     decoding does not clean up spaces, so ``decode(encode(s)) == s``.
-
-    A space before an upper-case letter is always a token of its own (:data:`NAME_SPLIT`), so a
-    name is the same token wherever it appears: ``"] Stefan:"`` in the dialogue,
-    ``"Stefan is ..."`` at the start of a JSON string, ``"[Stefan]"`` in the memory list. With
-    the plain GPT-2 pre-tokenizer the first is ``" Stefan"`` and the others ``"Stefan"``, two
-    unrelated ids, and the tiny model never learned to copy names from its prompt, while it
-    copied lower-case values (``" mustard"`` is the same id in the turn and in the fact); see
-    docs/results.md ("Warm start: why the tiny model does not copy").
 
     Args:
         texts: training texts (an iterable, consumed once).
@@ -81,19 +69,14 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 1024):
         A ``PreTrainedTokenizerFast`` with bos/eos/pad tokens, the chat role markers and
         :data:`CHAT_TEMPLATE`.
     """
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     min_size = 256 + len(SPECIAL_TOKENS)
     if vocab_size < min_size:
         raise ValueError(f"vocab_size must be at least {min_size} (bytes + special tokens)")
     tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
-        [
-            pre_tokenizers.Split(Regex(NAME_SPLIT), behavior="isolated"),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
-        ]
-    )
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
@@ -248,7 +231,7 @@ def _conversation_texts(conversation, rng: random.Random) -> Iterator[str]:
         yield "\n".join(lines)
     memories: list[str] = []
     for op in conversation.gold_ops:
-        yield json.dumps({"facts": [{"speaker": op.speaker, "dia_id": op.dia_id, "fact": op.fact}]}, ensure_ascii=False)
+        yield json.dumps({"facts": [{"speaker": op.speaker, "dia_id": op.dia_id, "fact": op.fact}]})
         shown = memories[-rng.randint(1, 8) :] if memories else []
         operation: dict[str, object] = {"op": op.op}
         if op.op != "ADD" and shown:
@@ -258,7 +241,7 @@ def _conversation_texts(conversation, rng: random.Random) -> Iterator[str]:
             if op.op == "ADD":
                 operation["speaker"] = op.speaker
             operation["dia_id"] = op.dia_id
-        yield json.dumps({"operations": [operation]}, ensure_ascii=False)
+        yield json.dumps({"operations": [operation]})
         yield "\n".join(
             [f"facts:\n[{op.dia_id}] {op.speaker}: {op.fact}", "memories:"]
             + [f"{i} {m}" for i, m in enumerate(shown)]

@@ -188,19 +188,6 @@ def test_tokenizer_round_trips_any_unicode(policy, text):
     assert policy.tokenizer.decode(ids) == text
 
 
-@pytest.mark.parametrize("name", ["Alice", "Émile", "São Paulo"])
-def test_a_name_is_the_same_tokens_in_the_dialogue_and_in_the_json(policy, name):
-    # The warm-started model can only copy a name it sees as the same ids in its prompt and in
-    # its reply: after a space in a dialogue turn, after a quote in JSON, after "[" in a memory.
-    def ids_of(text: str) -> list[int]:
-        return policy.tokenizer.encode(text, add_special_tokens=False)
-
-    bare = ids_of(name)
-    for text in (f"[D1:2] {name}: hi", json.dumps({"fact": f"{name} is here."}, ensure_ascii=False), f"0 [{name}] {name} sings."):
-        ids = ids_of(text)
-        assert any(ids[i : i + len(bare)] == bare for i in range(len(ids))), text
-
-
 def test_tokenizer_needs_room_for_bytes():
     with pytest.raises(ValueError, match="vocab_size"):
         train_tokenizer(["abc"], vocab_size=100)
