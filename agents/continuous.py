@@ -212,9 +212,9 @@ def continuous_generate(
     cache_kwarg = _cache_kwarg(model)
     stats = {"forward_calls": 0, "prefill_calls": 0, "prefill_tokens": 0}
     while queue or len(batch):
-        free = capacity - len(batch)
-        if queue and free > 0 and (not len(batch) or min(free, len(queue)) >= threshold):
-            taken = [queue.popleft() for _ in range(min(free, len(queue)))]
+        n = min(capacity - len(batch), len(queue))  # prompts that could start now
+        if n > 0 and (not len(batch) or n >= threshold):
+            taken = [queue.popleft() for _ in range(n)]
             cache, mask, logits = _prefill(model, [p for _, p in taken], pad_id)
             stats["forward_calls"] += 1
             stats["prefill_calls"] += 1
