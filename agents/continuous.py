@@ -14,6 +14,11 @@ tokens before the new one), so rotary embeddings see each sequence exactly as in
 keys are cached after rotation, which makes shifting a row inside the padded cache harmless.
 Leading columns that no row uses any more are trimmed after every step.
 
+The cache grows in place: each layer's keys and values live in a preallocated buffer with spare
+columns on the right (:class:`_SlabLayer`), so a decode step writes one column instead of
+copying the whole cache as ``DynamicLayer`` does with ``torch.cat``; trimming moves a start
+offset. The buffer is reallocated only when rows join or leave or the spare columns run out.
+
 Sampling follows :mod:`agents.backends` exactly: ``log_softmax(logits / T)`` of the sampled
 token is reported (top-p truncation not included), greedy decoding for ``temperature == 0``
 with ``T = 1`` in the log-probs, completions end with their stop token. With a seed the run
@@ -29,6 +34,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 
 import torch
+from transformers.cache_utils import DynamicLayer
 
 from agents.backends import BackendOutput, left_pad
 
@@ -38,7 +44,6 @@ __all__ = ["continuous_generate", "supports_continuous", "sample_tokens"]
 def supports_continuous(model) -> bool:
     """Whether ``model``'s default KV cache is one this module can pad, merge and trim."""
     from transformers import DynamicCache
-    from transformers.cache_utils import DynamicLayer
 
     if getattr(model.config, "is_encoder_decoder", False):
         return False
@@ -73,6 +78,56 @@ def sample_tokens(
     return tokens, logprobs.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
 
 
+class _SlabLayer(DynamicLayer):
+    """A ``DynamicLayer`` whose keys and values are views into buffers with spare columns.
+
+    ``keys``/``values`` are always ``buffer[:, :, start:end]``: a decode step writes into the
+    spare columns, trimming moves ``start``, and :meth:`adopt` copies new contents into fresh
+    buffers (after rows joined or left, or when the spare columns are used up).
+    """
+
+    spare = 64
+    """Columns allocated beyond the current width: one reallocation per this many steps at most."""
+
+    def adopt(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Hold ``keys``/``values`` (batch, heads, length, dim) in fresh buffers with spare columns."""
+        batch, heads, length, _ = keys.shape
+        self._keys = keys.new_empty((batch, heads, length + self.spare, keys.shape[-1]))
+        self._values = values.new_empty((batch, heads, length + self.spare, values.shape[-1]))
+        self._keys[:, :, :length] = keys
+        self._values[:, :, :length] = values
+        self._start, self._end = 0, length
+        self._expose()
+        self.device, self.is_initialized = keys.device, True
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if self._end + key_states.shape[-2] > self._keys.shape[2]:  # out of spare columns
+            self.adopt(self.keys, self.values)
+        end = self._end + key_states.shape[-2]
+        self._keys[:, :, self._end : end] = key_states
+        self._values[:, :, self._end : end] = value_states
+        self._end = end
+        self._expose()
+        return self.keys, self.values
+
+    def drop_front(self, columns: int) -> None:
+        """Forget the first ``columns`` columns (no row uses them any more)."""
+        self._start += columns
+        self._expose()
+
+    def _expose(self) -> None:
+        self.keys = self._keys[:, :, self._start : self._end]
+        self.values = self._values[:, :, self._start : self._end]
+
+
+def _to_slabs(cache, keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor]) -> None:
+    """Make layer ``i`` of ``cache`` a :class:`_SlabLayer` holding ``keys[i]`` / ``values[i]``."""
+    for i, (k, v) in enumerate(zip(keys, values)):
+        if type(cache.layers[i]) is not _SlabLayer:
+            cache.layers[i] = _SlabLayer()
+        cache.layers[i].adopt(k, v)
+
+
 class _Batch:
     """The running batch: per-row bookkeeping, the padded KV cache and its 0/1 mask."""
 
@@ -91,11 +146,14 @@ class _Batch:
         """Merge freshly prefilled rows (their own cache, mask and last logits) into the batch."""
         if self.cache is None:
             self.cache, self.mask, self.next_logits = cache, mask, logits
+            _to_slabs(cache, [layer.keys for layer in cache.layers], [layer.values for layer in cache.layers])
         else:
             width = max(self.mask.shape[1], mask.shape[1])
-            for mine, theirs in zip(self.cache.layers, cache.layers):
-                mine.keys = torch.cat([_left_pad(mine.keys, width), _left_pad(theirs.keys, width)], dim=0)
-                mine.values = torch.cat([_left_pad(mine.values, width), _left_pad(theirs.values, width)], dim=0)
+            _to_slabs(
+                self.cache,
+                [torch.cat([_left_pad(m.keys, width), _left_pad(t.keys, width)], dim=0) for m, t in zip(self.cache.layers, cache.layers)],
+                [torch.cat([_left_pad(m.values, width), _left_pad(t.values, width)], dim=0) for m, t in zip(self.cache.layers, cache.layers)],
+            )
             self.mask = torch.cat([_left_pad(self.mask, width), _left_pad(mask, width)], dim=0)
             self.next_logits = torch.cat([self.next_logits, logits], dim=0)
         self.slots += slots
@@ -110,9 +168,8 @@ class _Batch:
         if len(rows) == len(self.slots):  # nobody left (rows stay in order): nothing to copy
             return
         index = torch.as_tensor(rows, device=self.mask.device)
-        for layer in self.cache.layers:
-            layer.keys = layer.keys.index_select(0, index)
-            layer.values = layer.values.index_select(0, index)
+        layers = self.cache.layers
+        _to_slabs(self.cache, [la.keys.index_select(0, index) for la in layers], [la.values.index_select(0, index) for la in layers])
         self.mask = self.mask.index_select(0, index)
         self.next_logits = self.next_logits.index_select(0, index)
         for name in ("slots", "ids", "logprobs"):
@@ -126,8 +183,7 @@ class _Batch:
         if start > 0:
             self.mask = self.mask[:, start:]
             for layer in self.cache.layers:
-                layer.keys = layer.keys[:, :, start:]
-                layer.values = layer.values[:, :, start:]
+                layer.drop_front(start)
 
 
 def _left_pad(x: torch.Tensor, width: int) -> torch.Tensor:

@@ -8,7 +8,7 @@ import torch
 
 import memenv  # noqa: F401  (registers MemSession-v0)
 from agents.backends import HFBackend
-from agents.continuous import sample_tokens, supports_continuous
+from agents.continuous import _SlabLayer, sample_tokens, supports_continuous
 from agents.policy import SharedPolicy
 from agents.rollout import RolloutEngine, Start
 from agents.tiny import build_tiny_model
@@ -38,10 +38,13 @@ def test_the_tiny_llama_supports_continuous_batching(policy):
     assert supports_continuous(policy.model) and policy.supports_continuous
 
 
-def test_greedy_continuous_batching_reproduces_static_batching(policy):
+@pytest.mark.parametrize("spare", [64, 1])
+def test_greedy_continuous_batching_reproduces_static_batching(policy, spare, monkeypatch):
     """Merging, dropping and trimming rows of the running cache must not change what the model
     computes: greedy completions equal solo greedy generations, even with a batch of 3 slots
-    refilled from a queue of 7 prompts, each slot chaining a second prompt."""
+    refilled from a queue of 7 prompts, each slot chaining a second prompt. With one spare
+    cache column, the in-place cache buffers are reallocated on almost every step."""
+    monkeypatch.setattr(_SlabLayer, "spare", spare)
     prompts = _prompts(policy)
     follow_ups = {slot: _prompts(policy, 9)[(slot + 3) % 9] for slot in range(len(prompts))}
     got: dict[tuple[int, int], tuple] = {}
