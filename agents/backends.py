@@ -207,10 +207,12 @@ class HFBackend:
         max_new_tokens: int = 256,
         seed: int | None = None,
         max_batch: int | None = None,
+        prefixes: Sequence[Sequence[int]] = (),
     ) -> dict[str, int]:
         """Continuous batching (see :mod:`agents.continuous`): each slot starts with
         ``prompt_ids[slot]``; when its completion ends, ``next_prompt(slot, output)`` returns
-        the slot's next prompt or ``None``. Returns the work counts of
+        the slot's next prompt or ``None``. ``prefixes`` are token prefixes shared by many
+        prompts, prefilled once. Returns the work counts of
         :func:`agents.continuous.continuous_generate` (forward calls, prefill calls and tokens).
 
         Raises:
@@ -226,7 +228,7 @@ class HFBackend:
             return continuous_generate(
                 self.model, prompt_ids, next_prompt, stop_ids=self.stop_ids, pad_id=self.pad_id,
                 temperature=float(temperature), top_p=float(top_p), max_new_tokens=int(max_new_tokens),
-                seed=seed, max_batch=max_batch,
+                seed=seed, max_batch=max_batch, prefixes=prefixes,
             )
 
     @functools.cached_property

@@ -186,9 +186,11 @@ class _Batch:
                 layer.drop_front(start)
 
 
-def _left_pad(x: torch.Tensor, width: int) -> torch.Tensor:
-    """Left-pad dimension 2 (caches: batch, heads, length, dim) or 1 (masks) with zeros."""
-    dim = 2 if x.dim() == 4 else 1
+def _left_pad(x: torch.Tensor, width: int, dim: int | None = None) -> torch.Tensor:
+    """Left-pad dimension ``dim`` with zeros; by default 2 (caches: batch, heads, length, dim)
+    or 1 (masks)."""
+    if dim is None:
+        dim = 2 if x.dim() == 4 else 1
     missing = width - x.shape[dim]
     if missing == 0:
         return x
@@ -197,12 +199,73 @@ def _left_pad(x: torch.Tensor, width: int) -> torch.Tensor:
     return torch.cat([x.new_zeros(shape), x], dim=dim)
 
 
-def _prefill(model, prompts: Sequence[Sequence[int]], pad_id: int):
-    """Run the prompts once; returns their cache, 0/1 mask and the logits of the last token."""
-    input_ids, mask = left_pad(prompts, pad_id, model.device)
-    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
-    out = model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, use_cache=True, logits_to_keep=1)
-    return _cache_of(out), mask, out.logits[:, -1]
+class _Prefixes:
+    """Keys and values of shared prompt prefixes (a role's system prompt), computed once.
+
+    Every prompt of a role starts with the same tokens (chat markers and the role prompt). Their
+    keys and values depend on those tokens alone (causal attention, rotary positions counted from
+    0 in every row), so they are computed once per call of :func:`continuous_generate` and copied
+    into each prefill instead of being run through the model again.
+    """
+
+    def __init__(self, model, prefixes: Sequence[Sequence[int]], cache_kwarg: str):
+        self.entries: list[tuple[list[int], list[torch.Tensor], list[torch.Tensor]]] = []
+        for prefix in sorted({tuple(int(t) for t in p) for p in prefixes if len(p)}, key=len, reverse=True):
+            ids = torch.as_tensor([prefix], dtype=torch.long, device=model.device)
+            cache = _cache_of(model(input_ids=ids, use_cache=True, logits_to_keep=1))
+            self.entries.append((list(prefix), [la.keys[0] for la in cache.layers], [la.values[0] for la in cache.layers]))
+        self.cache_kwarg = cache_kwarg
+
+    def match(self, prompt: Sequence[int]) -> int | None:
+        """Index of the longest known prefix of ``prompt`` that leaves at least one token to run."""
+        for i, (prefix, _, _) in enumerate(self.entries):
+            if len(prompt) > len(prefix) and list(prompt[: len(prefix)]) == prefix:
+                return i
+        return None
+
+
+def _prefill(model, prompts: Sequence[Sequence[int]], pad_id: int, prefixes: _Prefixes | None = None):
+    """Run the prompts once; returns their cache, 0/1 mask, the logits of the last token and the
+    number of prompt tokens that came from ``prefixes`` instead of the model.
+
+    Without a known prefix the prompts are simply left padded. With one, row ``i`` is laid out
+    as ``[pad][prefix_i][pad][rest_i]``: the prefix keys and values sit right-aligned in the
+    first block of columns, the rest of each prompt is left padded in the second block and run
+    with position ids that continue after the row's prefix. The padding between the two blocks
+    is masked, so the row computes exactly what the whole prompt would.
+    """
+    matched = [prefixes.match(p) if prefixes is not None else None for p in prompts]
+    if all(m is None for m in matched):
+        input_ids, mask = left_pad(prompts, pad_id, model.device)
+        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+        out = model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, use_cache=True, logits_to_keep=1)
+        return _cache_of(out), mask, out.logits[:, -1], 0
+    from transformers import DynamicCache
+
+    lengths = [0 if m is None else len(prefixes.entries[m][0]) for m in matched]
+    width = max(lengths)
+    known = prefixes.entries[next(m for m in matched if m is not None)]
+
+    def block(part: int, layer: int) -> torch.Tensor:
+        """Prefix keys (part 1) or values (part 2) of every row, right-aligned in ``width`` columns."""
+        rows = [known[part][layer][:, :0] if m is None else prefixes.entries[m][part][layer] for m in matched]
+        return torch.stack([_left_pad(r, width, dim=1) for r in rows])
+
+    cache = DynamicCache(config=model.config)
+    for layer in range(len(known[1])):
+        cache.update(block(1, layer), block(2, layer), layer)
+    prefix_mask = torch.zeros((len(prompts), width), dtype=torch.long, device=model.device)
+    for row, length in enumerate(lengths):
+        prefix_mask[row, width - length :] = 1
+    input_ids, rest_mask = left_pad([p[n:] for p, n in zip(prompts, lengths)], pad_id, model.device)
+    offsets = torch.as_tensor(lengths, dtype=torch.long, device=model.device).unsqueeze(-1)
+    position_ids = (offsets + rest_mask.cumsum(-1) - 1).clamp(min=0)
+    mask = torch.cat([prefix_mask, rest_mask], dim=1)
+    out = model(
+        input_ids=input_ids, attention_mask=mask, position_ids=position_ids, use_cache=True, logits_to_keep=1,
+        **{prefixes.cache_kwarg: cache},
+    )
+    return _cache_of(out), mask, out.logits[:, -1], sum(lengths)
 
 
 def _cache_kwarg(model) -> str:
@@ -232,6 +295,7 @@ def continuous_generate(
     seed: int | None = None,
     max_batch: int | None = None,
     refill_fraction: float = 0.25,
+    prefixes: Sequence[Sequence[int]] = (),
 ) -> dict[str, int]:
     """Generate with continuous batching until every slot's callback returns ``None``.
 
@@ -250,10 +314,15 @@ def continuous_generate(
             last episodes to run on a few rows at the end (see docs/training.md).
         refill_fraction: waiting prompts are prefilled once they fill this share of the batch
             (or at once when nothing else runs); batching prefills saves forward calls.
+        prefixes: token prefixes that many prompts share (the policy passes each role's
+            system-prompt part). Their keys and values are computed once and reused by every
+            prompt that starts with one of them; the rest of the prompt is prefilled as usual.
+            Results are the same as without them (up to float rounding).
 
     Returns:
         Counts of the work done: ``forward_calls`` (prefills and decode steps),
-        ``prefill_calls`` and ``prefill_tokens`` (prompt tokens run through the model).
+        ``prefill_calls``, ``prefill_tokens`` (prompt tokens run through the model) and
+        ``prefix_tokens`` (prompt tokens whose keys and values came from ``prefixes``).
     """
     device = model.device
     generator = None
@@ -266,15 +335,17 @@ def continuous_generate(
     queue = deque((slot, list(p)) for slot, p in enumerate(prompts))  # (slot, prompt), arrival order
     batch = _Batch()
     cache_kwarg = _cache_kwarg(model)
-    stats = {"forward_calls": 0, "prefill_calls": 0, "prefill_tokens": 0}
+    stats = {"forward_calls": 0, "prefill_calls": 0, "prefill_tokens": 0, "prefix_tokens": 0}
+    shared = _Prefixes(model, prefixes, cache_kwarg) if prefixes and queue else None
     while queue or len(batch):
         n = min(capacity - len(batch), len(queue))  # prompts that could start now
         if n > 0 and (not len(batch) or n >= threshold):
             taken = [queue.popleft() for _ in range(n)]
-            cache, mask, logits = _prefill(model, [p for _, p in taken], pad_id)
+            cache, mask, logits, reused = _prefill(model, [p for _, p in taken], pad_id, shared)
             stats["forward_calls"] += 1
             stats["prefill_calls"] += 1
-            stats["prefill_tokens"] += sum(len(p) for _, p in taken)
+            stats["prefill_tokens"] += sum(len(p) for _, p in taken) - reused
+            stats["prefix_tokens"] += reused
             batch.add([s for s, _ in taken], cache, mask, logits)
         tokens, logprobs = sample_tokens(batch.next_logits, temperature, top_p, generator)
         running = []

@@ -14,6 +14,7 @@ log-probability). In float32 the two agree to about 1e-5; the tests hold them to
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -225,8 +226,9 @@ class SharedPolicy:
 
         Same sampling settings and log-prob convention as :meth:`generate`; ``max_batch`` caps
         the rows decoded at once (default: one per slot; slots beyond it queue for a row).
-        Returns the backend's work counts (``forward_calls``, ``prefill_calls``,
-        ``prefill_tokens``).
+        Each role's prompt prefix (:attr:`role_prefixes`) is prefilled once per call and
+        shared by every prompt of that role. Returns the backend's work counts
+        (``forward_calls``, ``prefill_calls``, ``prefill_tokens``, ``prefix_tokens``).
         """
         current = [self._encode(i, obs) for i, obs in enumerate(observations)]  # (role, prompt) per slot
 
@@ -240,7 +242,23 @@ class SharedPolicy:
         return self.backend.generate_continuous(
             [prompt for _, prompt in current], follow,
             temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed, max_batch=max_batch,
+            prefixes=self.role_prefixes,
         )
+
+    @functools.cached_property
+    def role_prefixes(self) -> tuple[list[int], ...]:
+        """The token ids every prompt of a role starts with, one list per role.
+
+        Found as the common start of two renderings of the role with different texts: the chat
+        markers and the system prompt, up to where the observation text begins. The continuous
+        backend computes their keys and values once instead of once per prompt.
+        """
+        prefixes = []
+        for role in range(len(ROLES)):
+            a, b = self.render(role, "a"), self.render(role, "b")
+            n = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+            prefixes.append(a[:n])
+        return tuple(prefixes)
 
     def _encode(self, i: int, obs: Mapping) -> tuple[int, list[int]]:
         """Role index and rendered prompt of one observation (checked)."""

@@ -38,14 +38,19 @@ def test_the_tiny_llama_supports_continuous_batching(policy):
     assert supports_continuous(policy.model) and policy.supports_continuous
 
 
-@pytest.mark.parametrize("spare", [64, 1])
-def test_greedy_continuous_batching_reproduces_static_batching(policy, spare, monkeypatch):
+@pytest.mark.parametrize("spare, shared_prefixes", [(64, True), (1, True), (64, False)])
+def test_greedy_continuous_batching_reproduces_static_batching(policy, spare, shared_prefixes, monkeypatch):
     """Merging, dropping and trimming rows of the running cache must not change what the model
     computes: greedy completions equal solo greedy generations, even with a batch of 3 slots
     refilled from a queue of 7 prompts, each slot chaining a second prompt. With one spare
-    cache column, the in-place cache buffers are reallocated on almost every step."""
+    cache column, the in-place cache buffers are reallocated on almost every step. Reusing the
+    role prefixes' keys and values (two prefixes of different lengths, so rows are laid out
+    as pad, prefix, pad, rest) must not change it either."""
     monkeypatch.setattr(_SlabLayer, "spare", spare)
     prompts = _prompts(policy)
+    assert len(policy.role_prefixes[0]) != len(policy.role_prefixes[1])
+    assert all(p[: len(policy.role_prefixes[i % 2])] == policy.role_prefixes[i % 2] for i, p in enumerate(prompts))
+    prefixes = policy.role_prefixes if shared_prefixes else ()
     follow_ups = {slot: _prompts(policy, 9)[(slot + 3) % 9] for slot in range(len(prompts))}
     got: dict[tuple[int, int], tuple] = {}
 
@@ -54,12 +59,19 @@ def test_greedy_continuous_batching_reproduces_static_batching(policy, spare, mo
         got[(slot, turn)] = output
         return follow_ups[slot] if turn == 0 else None
 
-    counts = policy.backend.generate_continuous(prompts, next_prompt, temperature=0, max_new_tokens=12, max_batch=3)
+    counts = policy.backend.generate_continuous(
+        prompts, next_prompt, temperature=0, max_new_tokens=12, max_batch=3, prefixes=prefixes
+    )
     assert len(got) == 2 * len(prompts)
-    # Every prompt is prefilled exactly once; decode steps make up the other forward calls.
-    assert counts["prefill_tokens"] == sum(len(p) for p in prompts) + sum(len(p) for p in follow_ups.values())
+    # Every prompt is prefilled exactly once, its shared prefix (if any) from the stored keys
+    # and values; decode steps make up the other forward calls.
+    total = sum(len(p) for p in prompts) + sum(len(p) for p in follow_ups.values())
+    assert counts["prefill_tokens"] + counts["prefix_tokens"] == total
+    reused = sum(len(x) for p in (*prompts, *follow_ups.values()) for x in prefixes if p[: len(x)] == x)
+    assert counts["prefix_tokens"] == reused and (reused > 0) == shared_prefixes
     assert 1 <= counts["prefill_calls"] <= 2 * len(prompts) < counts["forward_calls"]
-    assert policy.backend.generate_continuous([], next_prompt) == {"forward_calls": 0, "prefill_calls": 0, "prefill_tokens": 0}
+    empty = {"forward_calls": 0, "prefill_calls": 0, "prefill_tokens": 0, "prefix_tokens": 0}
+    assert policy.backend.generate_continuous([], next_prompt, prefixes=prefixes) == empty
     for slot, prompt in enumerate(prompts):
         for turn, p in enumerate((prompt, follow_ups[slot])):
             (expected,) = policy.backend.generate([p], temperature=0, max_new_tokens=12)
