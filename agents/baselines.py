@@ -30,12 +30,27 @@ EXTRACTOR, MANAGER = 0, 1
 _TURN_LINE = re.compile(r"^\[(D[^\]]*)\]\s*([^:]+):\s?(.*)$")
 
 
+FACT_KEYS = ("dia_id", "speaker", "fact")
+"""Key order of the facts the agents write."""
+OP_KEYS = ("op", "id", "dia_id", "speaker", "text")
+"""Key order of the operations the agents write."""
+# The env reads the keys in any order. The agents put the source dia_id before the fields it
+# determines: each later field can then be read off the prompt line that the dia_id names
+# ("[D1:2] Keiko: ..."), which is what a small model cloned from these agents can learn. With
+# the speaker first, it has to pick the right turn and copy its speaker in one token, and the
+# tiny model did not learn that in its warm-start budget (docs/results.md, "Warm start").
+
+
+def _ordered(item: dict, keys: tuple[str, ...]) -> dict:
+    return {k: item[k] for k in keys if k in item} | {k: v for k, v in item.items() if k not in keys}
+
+
 def _facts_json(facts: list[dict]) -> str:
-    return json.dumps({"facts": facts}, ensure_ascii=False)
+    return json.dumps({"facts": [_ordered(f, FACT_KEYS) for f in facts]}, ensure_ascii=False)
 
 
 def _ops_json(ops: list[dict]) -> str:
-    return json.dumps({"operations": ops}, ensure_ascii=False)
+    return json.dumps({"operations": [_ordered(o, OP_KEYS) for o in ops]}, ensure_ascii=False)
 
 
 def _require_gold(info: dict) -> dict:

@@ -87,7 +87,7 @@ Reply with JSON only, in exactly this shape:
 If nothing needs to change, reply {"operations": []}."""
 
 _EXTRACTOR_COMPACT = (
-    'Extract atomic facts as JSON {"facts": [{"speaker": ..., "dia_id": ..., "fact": ...}]}.'
+    'Extract atomic facts as JSON {"facts": [{"dia_id": ..., "speaker": ..., "fact": ...}]}.'
 )
 
 _MANAGER_COMPACT = (

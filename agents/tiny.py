@@ -231,16 +231,17 @@ def _conversation_texts(conversation, rng: random.Random) -> Iterator[str]:
         yield "\n".join(lines)
     memories: list[str] = []
     for op in conversation.gold_ops:
-        yield json.dumps({"facts": [{"speaker": op.speaker, "dia_id": op.dia_id, "fact": op.fact}]})
+        # In the key order the scripted agents write (dia_id before the fields it determines).
+        yield json.dumps({"facts": [{"dia_id": op.dia_id, "speaker": op.speaker, "fact": op.fact}]})
         shown = memories[-rng.randint(1, 8) :] if memories else []
         operation: dict[str, object] = {"op": op.op}
         if op.op != "ADD" and shown:
             operation["id"] = rng.randrange(len(shown))
         if op.op in ("ADD", "UPDATE"):
-            operation["text"] = op.text or op.fact
+            operation["dia_id"] = op.dia_id
             if op.op == "ADD":
                 operation["speaker"] = op.speaker
-            operation["dia_id"] = op.dia_id
+            operation["text"] = op.text or op.fact
         yield json.dumps({"operations": [operation]})
         yield "\n".join(
             [f"facts:\n[{op.dia_id}] {op.speaker}: {op.fact}", "memories:"]

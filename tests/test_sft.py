@@ -72,6 +72,21 @@ def test_teacher_examples_are_deterministic_and_parse():
     assert clean != first
 
 
+def test_teacher_actions_name_the_source_dia_id_first():
+    """The warm start clones the key order too: the dia_id comes before the speaker and the text
+    it determines, so that the model can read them off the prompt line the dia_id names."""
+    preset = PRESETS["smoke"]
+    examples = teacher_examples(preset, _task_seeds(0, preset)["sft"][:2], horizon=4, noise=0.3, seed=0)
+    items = [item for e in examples for item in next(iter(json.loads(e.action).values()))]
+    sourced = [list(item) for item in items if "dia_id" in item]
+    assert len(sourced) > 10
+    for keys in sourced:
+        assert keys.index("dia_id") < min(keys.index(k) for k in ("speaker", "fact", "text") if k in keys)
+    for item in items:
+        if "op" in item:
+            assert list(item)[0] == "op"
+
+
 def test_teacher_examples_follow_the_env_observations():
     preset = PRESETS["smoke"]
     seeds = _task_seeds(0, preset)["sft"][:1]
