@@ -8,6 +8,12 @@ and returns the environment's next prompt (or ``None`` when the episode is over)
 are prefilled in small batches and merged into the running KV cache; finished rows are dropped
 from it. No decode step is spent on a finished row.
 
+When more prompts wait than rows are free (more environments than ``max_batch``), a small
+batch of them is prefilled ahead of time, and each takes over the row of a completion that
+ends, in place: the row's keys and values are overwritten and the mask hides what is left of
+the old sequence. A row then never idles until enough prompts wait for a batched prefill, and
+the running cache is not copied to drop one row and add another.
+
 How rows of different lengths share one cache: the cache is left padded and a 0/1 mask marks
 the real positions of each row. Every row carries its own position ids (the number of real
 tokens before the new one), so rotary embeddings see each sequence exactly as in a solo run;
@@ -110,6 +116,13 @@ class _SlabLayer(DynamicLayer):
         self._expose()
         return self.keys, self.values
 
+    def write_row(self, row: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Overwrite the last ``keys.shape[1]`` columns of ``row`` with ``keys``/``values``
+        (heads, length, dim); the caller masks the row's other columns."""
+        length = keys.shape[1]
+        self._keys[row, :, self._end - length : self._end] = keys
+        self._values[row, :, self._end - length : self._end] = values
+
     def drop_front(self, columns: int) -> None:
         """Forget the first ``columns`` columns (no row uses them any more)."""
         self._start += columns
@@ -160,6 +173,23 @@ class _Batch:
         self.ids += [[] for _ in slots]
         self.logprobs += [[] for _ in slots]
 
+    def replace(self, row: int, slot: int, keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor], logits: torch.Tensor) -> None:
+        """Give ``row`` to a new prompt in place: its keys/values (per layer: heads, length,
+        dim) fill the row's last columns and the mask hides the rest of the row. The cache is
+        widened (copied) only when the prompt is longer than the running cache."""
+        length, width = keys[0].shape[1], self.mask.shape[1]
+        if length > width:
+            _to_slabs(self.cache, [_left_pad(la.keys, length) for la in self.cache.layers],
+                      [_left_pad(la.values, length) for la in self.cache.layers])
+            self.mask = _left_pad(self.mask, length)
+            width = length
+        for layer, k, v in zip(self.cache.layers, keys, values):
+            layer.write_row(row, k, v)
+        self.mask[row] = 0
+        self.mask[row, width - length :] = 1
+        self.next_logits[row] = logits
+        self.slots[row], self.ids[row], self.logprobs[row] = slot, [], []
+
     def keep(self, rows: list[int]) -> None:
         """Keep only ``rows`` (indices into the batch), in that order."""
         if not rows:
@@ -184,6 +214,61 @@ class _Batch:
             self.mask = self.mask[:, start:]
             for layer in self.cache.layers:
                 layer.drop_front(start)
+
+
+class _Ready:
+    """Prompts prefilled ahead of a free row, in arrival order: their keys and values (per
+    layer, left padded), 0/1 mask and last logits, consumed from the front."""
+
+    def __init__(self):
+        self.slots: list[int] = []
+        self.keys: list[torch.Tensor] = []
+        self.values: list[torch.Tensor] = []
+        self.mask: torch.Tensor | None = None
+        self.logits: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return len(self.slots)
+
+    def extend(self, slots, cache, mask, logits) -> None:
+        """Queue freshly prefilled rows behind those already waiting."""
+        keys, values = [la.keys for la in cache.layers], [la.values for la in cache.layers]
+        if self.slots:
+            width = max(self.mask.shape[1], mask.shape[1])
+            keys = [torch.cat([_left_pad(a, width), _left_pad(b, width)]) for a, b in zip(self.keys, keys)]
+            values = [torch.cat([_left_pad(a, width), _left_pad(b, width)]) for a, b in zip(self.values, values)]
+            mask = torch.cat([_left_pad(self.mask, width), _left_pad(mask, width)])
+            logits = torch.cat([self.logits, logits])
+        self.slots, self.keys, self.values, self.mask, self.logits = self.slots + list(slots), keys, values, mask, logits
+
+    def pop(self, n: int, config):
+        """The first ``n`` rows as ``(slots, cache, mask, logits)`` for :meth:`_Batch.add`."""
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=config)
+        _to_slabs(cache, [k[:n] for k in self.keys], [v[:n] for v in self.values])
+        taken = (self.slots[:n], cache, self.mask[:n], self.logits[:n])
+        self._drop(n)
+        return taken
+
+    def pop_one(self):
+        """The first row as ``(slot, keys, values, logits)`` for :meth:`_Batch.replace`: per
+        layer, its keys and values without the padding columns."""
+        length = int(self.mask[0].sum())
+        width = self.mask.shape[1]
+        taken = (
+            self.slots[0],
+            [k[0, :, width - length :] for k in self.keys],
+            [v[0, :, width - length :] for v in self.values],
+            self.logits[0],
+        )
+        self._drop(1)
+        return taken
+
+    def _drop(self, n: int) -> None:
+        self.slots = self.slots[n:]
+        self.keys, self.values = [k[n:] for k in self.keys], [v[n:] for v in self.values]
+        self.mask, self.logits = self.mask[n:], self.logits[n:]
 
 
 def _left_pad(x: torch.Tensor, width: int, dim: int | None = None) -> torch.Tensor:
@@ -312,8 +397,10 @@ def continuous_generate(
             then each next prompt behind those already waiting. All slots advance together
             and finish at about the same time; serving a started slot first instead leaves the
             last episodes to run on a few rows at the end (see docs/training.md).
-        refill_fraction: waiting prompts are prefilled once they fill this share of the batch
-            (or at once when nothing else runs); batching prefills saves forward calls.
+        refill_fraction: waiting prompts are prefilled in batches of at least this share of
+            the batch: once that many rows are free, or ahead of time (to take over rows as
+            they finish) when that many prompts wait, or at once when nothing else runs;
+            batching prefills saves forward calls.
         prefixes: token prefixes that many prompts share (the policy passes each role's
             system-prompt part). Their keys and values are computed once and reused by every
             prompt that starts with one of them; the rest of the prompt is prefilled as usual.
@@ -322,7 +409,8 @@ def continuous_generate(
     Returns:
         Counts of the work done: ``forward_calls`` (prefills and decode steps),
         ``prefill_calls``, ``prefill_tokens`` (prompt tokens run through the model) and
-        ``prefix_tokens`` (prompt tokens whose keys and values came from ``prefixes``).
+        ``prefix_tokens`` (prompt tokens whose keys and values came from ``prefixes``) and
+        ``takeovers`` (prompts that took over a finished row in place).
     """
     device = model.device
     generator = None
@@ -335,20 +423,35 @@ def continuous_generate(
     queue = deque((slot, list(p)) for slot, p in enumerate(prompts))  # (slot, prompt), arrival order
     batch = _Batch()
     cache_kwarg = _cache_kwarg(model)
-    stats = {"forward_calls": 0, "prefill_calls": 0, "prefill_tokens": 0, "prefix_tokens": 0}
+    stats = {"forward_calls": 0, "prefill_calls": 0, "prefill_tokens": 0, "prefix_tokens": 0, "takeovers": 0}
     shared = _Prefixes(model, prefixes, cache_kwarg) if prefixes and queue else None
-    while queue or len(batch):
-        n = min(capacity - len(batch), len(queue))  # prompts that could start now
-        if n > 0 and (not len(batch) or n >= threshold):
-            taken = [queue.popleft() for _ in range(n)]
+    ready = _Ready()  # prompts prefilled ahead of a free row, in arrival order
+    dead: list[int] = []  # rows whose completion ended and that a ready prompt takes over next
+    while queue or len(ready) or len(batch):
+        # Finished rows that a ready prompt was reserved for are overwritten in place: no copy of
+        # the running cache, and the row does not sit idle until enough prompts wait.
+        for row in dead:
+            batch.replace(row, *ready.pop_one())
+        stats["takeovers"] += len(dead)
+        dead = []
+        # Prefill waiting prompts in batches of at least `threshold` (fewer forward calls), once
+        # that many rows are free of a ready prompt, or ahead of time when that many wait and
+        # none is ready, or at once when nothing runs.
+        free = capacity - len(batch)
+        short = free - len(ready)
+        if queue and (short >= threshold or (not len(ready) and (len(queue) >= threshold or not len(batch)))):
+            taken = [queue.popleft() for _ in range(min(len(queue), max(short, threshold)))]
             cache, mask, logits, reused = _prefill(model, [p for _, p in taken], pad_id, shared)
             stats["forward_calls"] += 1
             stats["prefill_calls"] += 1
             stats["prefill_tokens"] += sum(len(p) for _, p in taken) - reused
             stats["prefix_tokens"] += reused
-            batch.add([s for s, _ in taken], cache, mask, logits)
+            ready.extend([s for s, _ in taken], cache, mask, logits)
+        if free > 0 and len(ready):
+            batch.add(*ready.pop(min(free, len(ready)), model.config))
         tokens, logprobs = sample_tokens(batch.next_logits, temperature, top_p, generator)
         running = []
+        reserved = len(ready)
         for row, (token, logprob) in enumerate(zip(tokens.tolist(), logprobs.tolist())):
             batch.ids[row].append(token)
             batch.logprobs[row].append(logprob)
@@ -364,10 +467,14 @@ def continuous_generate(
                 if len(follow) == 0:
                     raise ValueError(f"next_prompt returned an empty prompt for slot {batch.slots[row]}")
                 queue.append((batch.slots[row], list(follow)))
+            if reserved:  # a ready prompt takes this row over at the next step
+                reserved -= 1
+                dead.append(len(running))
+                running.append(row)
         if len(running) < len(tokens):
             tokens = tokens.index_select(0, torch.as_tensor(running, dtype=torch.long, device=tokens.device))
         batch.keep(running)
-        if not running:
+        if len(dead) == len(running):  # nothing left to decode before the takeovers
             continue
         positions = batch.mask.sum(-1, keepdim=True)
         batch.mask = torch.cat([batch.mask, batch.mask.new_ones((len(batch), 1))], dim=1)

@@ -228,7 +228,8 @@ class SharedPolicy:
         the rows decoded at once (default: one per slot; slots beyond it queue for a row).
         Each role's prompt prefix (:attr:`role_prefixes`) is prefilled once per call and
         shared by every prompt of that role. Returns the backend's work counts
-        (``forward_calls``, ``prefill_calls``, ``prefill_tokens``, ``prefix_tokens``).
+        (``forward_calls``, ``prefill_calls``, ``prefill_tokens``, ``prefix_tokens``,
+        ``takeovers``).
         """
         current = [self._encode(i, obs) for i, obs in enumerate(observations)]  # (role, prompt) per slot
 

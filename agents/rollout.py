@@ -113,10 +113,11 @@ class RolloutEngine:
             for a given ``max_batch``.
 
     ``timing`` accumulates ``generate_s`` (sampling), ``env_s`` (env steps and bookkeeping),
-    ``calls`` (generation calls), ``forward_calls``, ``prefill_calls``, ``prefill_tokens`` and
+    ``calls`` (generation calls), ``forward_calls``, ``prefill_calls``, ``prefill_tokens``,
     ``prefix_tokens`` (model forwards, of which prompt prefills, the prompt tokens they ran and
-    those taken from the shared role prefixes instead; continuous mode only) and
-    ``generated_tokens`` over the engine's life.
+    those taken from the shared role prefixes instead), ``takeovers`` (prompts that took over a
+    finished row in place; these five in continuous mode only) and ``generated_tokens`` over
+    the engine's life.
     """
 
     def __init__(
@@ -147,7 +148,7 @@ class RolloutEngine:
         self.max_batch = max_batch
         self.timing = {
             "generate_s": 0.0, "env_s": 0.0, "calls": 0, "forward_calls": 0, "prefill_calls": 0, "prefill_tokens": 0,
-            "prefix_tokens": 0, "generated_tokens": 0,
+            "prefix_tokens": 0, "takeovers": 0, "generated_tokens": 0,
         }
 
     def _use_continuous(self) -> bool:

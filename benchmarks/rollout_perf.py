@@ -4,6 +4,8 @@ Compares generated tokens per second of
 
 * the engine with continuous batching (the default): each env steps as soon as its own action is
   complete and its next prompt joins the running batch;
+* the same engine with every prompt prefilled whole, without reusing the keys and values of
+  the role prefixes (chat markers and system prompt), to show what that reuse buys;
 * the engine in lockstep mode: N environments, one batched ``generate`` call per step;
 * the ceiling: one big ``generate`` call over ``--rows`` first-step prompts (no env at all),
   forced to ``max_new_tokens`` per row: the model's decode throughput at this batch width;
@@ -169,7 +171,17 @@ def main() -> None:
         naive_tokens = sum(r.generated_tokens for s in starts[:naive_envs] for r in naive.run([s], seed=0))
         return naive_tokens / (time.perf_counter() - t)
 
+    def whole_prompts_run() -> float:
+        # The continuous engine with every prompt prefilled whole: the role prefixes' keys and
+        # values are not reused (a benchmark-only override of the policy's cached prefixes).
+        policy.__dict__["role_prefixes"] = ()
+        try:
+            return engine_run(True)[1]
+        finally:
+            del policy.__dict__["role_prefixes"]
+
     lockstep = lockstep_env_share = None
+    whole_tps = bracketed("whole", whole_prompts_run)
     plain_tps = bracketed("plain", plain_run)
     lockstep_tps = bracketed("lockstep", lockstep_run)
     naive_tps = bracketed("naive", naive_run)
@@ -182,6 +194,7 @@ def main() -> None:
         (f"every prompt the engine ran, {rows} per generate call, mean completion length (same-work ceiling)", best["same_work"], "same_work"),
         (f"every prompt the engine ran, {rows} per generate call, sampled like the engine (plain generate)", plain_tps, "plain"),
         (f"rollout engine, continuous batching ({args.envs} envs, {rows} rows)", best["engine"], "engine"),
+        ("rollout engine, continuous batching, every prompt prefilled whole (no shared role prefix)", whole_tps, "whole"),
         (f"rollout engine, lockstep ({args.envs} envs, generate calls of at most {rows})", lockstep_tps, "lockstep"),
         (f"naive per-env loop ({naive_envs} envs)", naive_tps, "naive"),
     ]
@@ -205,8 +218,9 @@ def main() -> None:
     fewest = max(longest, decoded / rows)
     print(f"\nengine / same-work ceiling: {ratio['engine'] / ratio['same_work']:.2f}x; engine / plain generate: {ratio['engine'] / ratio['plain']:.2f}x")
     print(
-        f"continuous engine: {len(turns)} actions, {tokens} generated tokens, {timing['prefill_tokens']} prompt tokens "
-        f"({timing['prefill_tokens'] / tokens:.1f} per generated token), {timing['prefill_calls']} prefill calls, "
+        f"continuous engine: {len(turns)} actions, {tokens} generated tokens, {timing['prefill_tokens']} prompt tokens run "
+        f"({timing['prefill_tokens'] / tokens:.1f} per generated token; {timing['prefix_tokens']} more taken from the shared "
+        f"role prefixes), {timing['prefill_calls']} prefill calls, {timing['takeovers']} rows taken over in place, "
         f"{decode_steps} decode steps with {decoded / max(1, decode_steps):.1f} of {rows} rows on average"
     )
     print(

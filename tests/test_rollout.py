@@ -42,7 +42,8 @@ def test_the_tiny_llama_supports_continuous_batching(policy):
 def test_greedy_continuous_batching_reproduces_static_batching(policy, spare, shared_prefixes, monkeypatch):
     """Merging, dropping and trimming rows of the running cache must not change what the model
     computes: greedy completions equal solo greedy generations, even with a batch of 3 slots
-    refilled from a queue of 7 prompts, each slot chaining a second prompt. With one spare
+    refilled from a queue of 7 prompts (prefilled ahead and taking over finished rows in place,
+    widening the cache when longer), each slot chaining a second prompt. With one spare
     cache column, the in-place cache buffers are reallocated on almost every step. Reusing the
     role prefixes' keys and values (two prefixes of different lengths, so rows are laid out
     as pad, prefix, pad, rest) must not change it either."""
@@ -70,7 +71,8 @@ def test_greedy_continuous_batching_reproduces_static_batching(policy, spare, sh
     reused = sum(len(x) for p in (*prompts, *follow_ups.values()) for x in prefixes if p[: len(x)] == x)
     assert counts["prefix_tokens"] == reused and (reused > 0) == shared_prefixes
     assert 1 <= counts["prefill_calls"] <= 2 * len(prompts) < counts["forward_calls"]
-    empty = {"forward_calls": 0, "prefill_calls": 0, "prefill_tokens": 0, "prefix_tokens": 0}
+    assert counts["takeovers"] > 0
+    empty = {"forward_calls": 0, "prefill_calls": 0, "prefill_tokens": 0, "prefix_tokens": 0, "takeovers": 0}
     assert policy.backend.generate_continuous([], next_prompt, prefixes=prefixes) == empty
     for slot, prompt in enumerate(prompts):
         for turn, p in enumerate((prompt, follow_ups[slot])):
