@@ -408,7 +408,7 @@ def continuous_generate(
 
     Returns:
         Counts of the work done: ``forward_calls`` (prefills and decode steps),
-        ``prefill_calls``, ``prefill_tokens`` (prompt tokens run through the model) and
+        ``prefill_calls``, ``prefill_tokens`` (prompt tokens run through the model),
         ``prefix_tokens`` (prompt tokens whose keys and values came from ``prefixes``) and
         ``takeovers`` (prompts that took over a finished row in place).
     """
