@@ -40,6 +40,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 
 import torch
+from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from agents.backends import BackendOutput, left_pad
@@ -49,8 +50,6 @@ __all__ = ["continuous_generate", "supports_continuous", "sample_tokens"]
 
 def supports_continuous(model) -> bool:
     """Whether ``model``'s default KV cache is one this module can pad, merge and trim."""
-    from transformers import DynamicCache
-
     if getattr(model.config, "is_encoder_decoder", False):
         return False
     try:
@@ -144,7 +143,8 @@ def _to_slabs(cache, keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor
 class _Batch:
     """The running batch: per-row bookkeeping, the padded KV cache and its 0/1 mask."""
 
-    def __init__(self):
+    def __init__(self, config):
+        self.config = config
         self.slots: list[int] = []
         self.ids: list[list[int]] = []
         self.logprobs: list[list[float]] = []
@@ -155,20 +155,17 @@ class _Batch:
     def __len__(self) -> int:
         return len(self.slots)
 
-    def add(self, slots, cache, mask, logits) -> None:
-        """Merge freshly prefilled rows (their own cache, mask and last logits) into the batch."""
+    def add(self, slots, keys, values, mask, logits) -> None:
+        """Merge prefilled rows (their keys and values per layer, mask and last logits) into the batch."""
         if self.cache is None:
-            self.cache, self.mask, self.next_logits = cache, mask, logits
-            _to_slabs(cache, [layer.keys for layer in cache.layers], [layer.values for layer in cache.layers])
+                    self.cache, self.mask, self.next_logits = DynamicCache(config=self.config), mask, logits
         else:
-            width = max(self.mask.shape[1], mask.shape[1])
-            _to_slabs(
-                self.cache,
-                [torch.cat([_left_pad(m.keys, width), _left_pad(t.keys, width)], dim=0) for m, t in zip(self.cache.layers, cache.layers)],
-                [torch.cat([_left_pad(m.values, width), _left_pad(t.values, width)], dim=0) for m, t in zip(self.cache.layers, cache.layers)],
+            layers = self.cache.layers
+            keys, values, self.mask = _stack_rows(
+                [la.keys for la in layers], [la.values for la in layers], self.mask, keys, values, mask
             )
-            self.mask = torch.cat([_left_pad(self.mask, width), _left_pad(mask, width)], dim=0)
             self.next_logits = torch.cat([self.next_logits, logits], dim=0)
+        _to_slabs(self.cache, keys, values)
         self.slots += slots
         self.ids += [[] for _ in slots]
         self.logprobs += [[] for _ in slots]
@@ -193,7 +190,7 @@ class _Batch:
     def keep(self, rows: list[int]) -> None:
         """Keep only ``rows`` (indices into the batch), in that order."""
         if not rows:
-            self.__init__()
+            self.__init__(self.config)
             return
         if len(rows) == len(self.slots):  # nobody left (rows stay in order): nothing to copy
             return
@@ -234,20 +231,13 @@ class _Ready:
         """Queue freshly prefilled rows behind those already waiting."""
         keys, values = [la.keys for la in cache.layers], [la.values for la in cache.layers]
         if self.slots:
-            width = max(self.mask.shape[1], mask.shape[1])
-            keys = [torch.cat([_left_pad(a, width), _left_pad(b, width)]) for a, b in zip(self.keys, keys)]
-            values = [torch.cat([_left_pad(a, width), _left_pad(b, width)]) for a, b in zip(self.values, values)]
-            mask = torch.cat([_left_pad(self.mask, width), _left_pad(mask, width)])
+            keys, values, mask = _stack_rows(self.keys, self.values, self.mask, keys, values, mask)
             logits = torch.cat([self.logits, logits])
         self.slots, self.keys, self.values, self.mask, self.logits = self.slots + list(slots), keys, values, mask, logits
 
-    def pop(self, n: int, config):
-        """The first ``n`` rows as ``(slots, cache, mask, logits)`` for :meth:`_Batch.add`."""
-        from transformers import DynamicCache
-
-        cache = DynamicCache(config=config)
-        _to_slabs(cache, [k[:n] for k in self.keys], [v[:n] for v in self.values])
-        taken = (self.slots[:n], cache, self.mask[:n], self.logits[:n])
+    def pop(self, n: int):
+        """The first ``n`` rows as ``(slots, keys, values, mask, logits)`` for :meth:`_Batch.add`."""
+        taken = (self.slots[:n], [k[:n] for k in self.keys], [v[:n] for v in self.values], self.mask[:n], self.logits[:n])
         self._drop(n)
         return taken
 
@@ -269,6 +259,16 @@ class _Ready:
         self.slots = self.slots[n:]
         self.keys, self.values = [k[n:] for k in self.keys], [v[n:] for v in self.values]
         self.mask, self.logits = self.mask[n:], self.logits[n:]
+
+
+def _stack_rows(keys_a, values_a, mask_a, keys_b, values_b, mask_b):
+    """Rows ``a`` then rows ``b`` in one left-padded block: per-layer keys and values, and mask."""
+    width = max(mask_a.shape[1], mask_b.shape[1])
+
+    def stack(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return torch.cat([_left_pad(a, width), _left_pad(b, width)], dim=0)
+
+    return [stack(a, b) for a, b in zip(keys_a, keys_b)], [stack(a, b) for a, b in zip(values_a, values_b)], stack(mask_a, mask_b)
 
 
 def _left_pad(x: torch.Tensor, width: int, dim: int | None = None) -> torch.Tensor:
@@ -325,8 +325,6 @@ def _prefill(model, prompts: Sequence[Sequence[int]], pad_id: int, prefixes: _Pr
         position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
         out = model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, use_cache=True, logits_to_keep=1)
         return _cache_of(out), mask, out.logits[:, -1], 0
-    from transformers import DynamicCache
-
     lengths = [0 if m is None else len(prefixes.entries[m][0]) for m in matched]
     width = max(lengths)
     known = prefixes.entries[next(m for m in matched if m is not None)]
@@ -421,7 +419,7 @@ def continuous_generate(
     capacity = max(1, max_batch or len(prompts))
     threshold = max(1, int(refill_fraction * capacity))
     queue = deque((slot, list(p)) for slot, p in enumerate(prompts))  # (slot, prompt), arrival order
-    batch = _Batch()
+    batch = _Batch(model.config)
     cache_kwarg = _cache_kwarg(model)
     stats = {"forward_calls": 0, "prefill_calls": 0, "prefill_tokens": 0, "prefix_tokens": 0, "takeovers": 0}
     shared = _Prefixes(model, prefixes, cache_kwarg) if prefixes and queue else None
@@ -448,7 +446,7 @@ def continuous_generate(
             stats["prefix_tokens"] += reused
             ready.extend([s for s, _ in taken], cache, mask, logits)
         if free > 0 and len(ready):
-            batch.add(*ready.pop(min(free, len(ready)), model.config))
+            batch.add(*ready.pop(min(free, len(ready))))
         tokens, logprobs = sample_tokens(batch.next_logits, temperature, top_p, generator)
         running = []
         reserved = len(ready)
