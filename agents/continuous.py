@@ -158,7 +158,7 @@ class _Batch:
     def add(self, slots, keys, values, mask, logits) -> None:
         """Merge prefilled rows (their keys and values per layer, mask and last logits) into the batch."""
         if self.cache is None:
-                    self.cache, self.mask, self.next_logits = DynamicCache(config=self.config), mask, logits
+            self.cache, self.mask, self.next_logits = DynamicCache(config=self.config), mask, logits
         else:
             layers = self.cache.layers
             keys, values, self.mask = _stack_rows(
