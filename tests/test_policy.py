@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from agents.backends import GenerationBackend, HFBackend
 from agents.policy import SharedPolicy
 from agents.prompts import ROLES, SYSTEM_PROMPTS, system_prompt
-from agents.tiny import build_tiny_model, tiny_config, train_tokenizer
+from agents.tiny import build_tiny_model, plant_offset_heads, tiny_config, train_tokenizer
 
 LOGPROB_ATOL = 1e-4
 """Absolute tolerance between sampling-time and recomputed log-probs (float32, CPU)."""
@@ -248,6 +248,63 @@ def test_tiny_config_size():
     model = AutoModelForCausalLM.from_config(tiny_config(1024))
     assert 1.5e6 < model.num_parameters() < 2.5e6
 
+
+
+def _attention_on_offset(model, ids, head, offset):
+    """Mean attention weight of ``head`` (layer 0) from position i to i - offset."""
+    attentions = model(input_ids=ids, output_attentions=True).attentions[0][0, head]
+    rows = torch.arange(offset, ids.shape[1])
+    return attentions[rows, rows - offset]
+
+
+@settings(max_examples=15, deadline=None)
+@given(
+    offsets=st.lists(st.integers(1, 6), min_size=1, max_size=4),
+    length=st.integers(8, 300),
+    head_dim=st.sampled_from([8, 16, 24]),
+    seed=st.integers(0, 2**16),
+)
+def test_planted_heads_attend_exactly_at_their_offset(offsets, length, head_dim, seed):
+    from transformers import AutoModelForCausalLM
+
+    config = tiny_config(64, hidden_size=4 * head_dim, num_layers=1, num_heads=4, intermediate_size=32, attention_bias=True)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+    plant_offset_heads(model, offsets)
+    ids = torch.randint(6, 64, (1, length), generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        for head, offset in enumerate(offsets):
+            if length > offset:
+                weights = _attention_on_offset(model, ids, head, offset)
+                # the nearest rival position is 12 nats lower: weight >= 1 / (1 + 2 * exp(-12) + ...)
+                assert weights.min() > 0.99
+
+
+def test_planted_heads_survive_save_and_load(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    path = build_tiny_model(tmp_path / "planted", made_up_corpus(60), seed=0, hidden_size=64, num_layers=2, num_heads=4, offset_heads=(1, 2))
+    model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, attn_implementation="eager")
+    assert model.config.attention_bias
+    ids = torch.randint(6, 200, (1, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert _attention_on_offset(model, ids, 0, 1).min() > 0.99
+        assert _attention_on_offset(model, ids, 1, 2).min() > 0.99
+        # the other heads are left random: they spread their attention
+        assert _attention_on_offset(model, ids, 2, 1).mean() < 0.5
+
+
+def test_planting_rejects_what_it_cannot_do():
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_config(tiny_config(64, hidden_size=32, num_layers=1, num_heads=2, intermediate_size=32))
+    with pytest.raises(ValueError, match="attention_bias=True"):
+        plant_offset_heads(model, [1])
+    biased = AutoModelForCausalLM.from_config(tiny_config(64, hidden_size=32, num_layers=1, num_heads=2, intermediate_size=32, attention_bias=True))
+    with pytest.raises(ValueError, match="3 offsets for 2 attention heads"):
+        plant_offset_heads(biased, [1, 1, 2])
+    with pytest.raises(ValueError, match="offsets must be >= 1"):
+        plant_offset_heads(biased, [0])
 
 def test_bad_path_gives_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist.*never downloads"):
