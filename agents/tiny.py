@@ -228,8 +228,9 @@ def plant_offset_heads(model, offsets: Sequence[int], *, layer: int = 0, sharpne
     ``sharpness`` nats lower.
 
     Args:
-        model: a Llama- or Qwen2-style causal LM with ``config.attention_bias`` (query and key
-            biases) and rotary position embeddings at ``model.model.rotary_emb``.
+        model: a Llama- or Qwen2-style causal LM with query and key biases (Llama:
+            ``attention_bias=True``), one key head per query head, and rotary position
+            embeddings at ``model.model.rotary_emb``.
         offsets: relative offset (>= 1) of each planted head, heads ``0 .. len(offsets) - 1``.
         layer: the decoder layer to plant them in.
         sharpness: logit gap (nats) between the target position and its best rival.
@@ -237,15 +238,17 @@ def plant_offset_heads(model, offsets: Sequence[int], *, layer: int = 0, sharpne
     import torch
 
     config = model.config
-    if not getattr(config, "attention_bias", False):
+    attention = model.model.layers[layer].self_attn
+    if attention.q_proj.bias is None or attention.k_proj.bias is None:
         raise ValueError("planting offset heads needs query/key biases: build the model with attention_bias=True")
+    if getattr(config, "num_key_value_heads", config.num_attention_heads) != config.num_attention_heads:
+        raise ValueError("planting offset heads needs one key head per query head (no grouped-query attention)")
     if len(offsets) > config.num_attention_heads:
         raise ValueError(f"{len(offsets)} offsets for {config.num_attention_heads} attention heads")
     if any(int(k) < 1 for k in offsets):
         raise ValueError(f"offsets must be >= 1, got {list(offsets)}")
     if sharpness <= 0:
         raise ValueError(f"sharpness must be > 0, got {sharpness}")
-    attention = model.model.layers[layer].self_attn
     head_dim = attention.head_dim
     theta = model.model.rotary_emb.inv_freq.detach().double().cpu()
     half = head_dim // 2

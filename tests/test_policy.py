@@ -305,6 +305,10 @@ def test_planting_rejects_what_it_cannot_do():
         plant_offset_heads(biased, [1, 1, 2])
     with pytest.raises(ValueError, match="offsets must be >= 1"):
         plant_offset_heads(biased, [0])
+    grouped = tiny_config(64, hidden_size=32, num_layers=1, num_heads=2, intermediate_size=32, attention_bias=True)
+    grouped.num_key_value_heads = 1
+    with pytest.raises(ValueError, match="no grouped-query attention"):
+        plant_offset_heads(AutoModelForCausalLM.from_config(grouped), [1])
 
 def test_bad_path_gives_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist.*never downloads"):
