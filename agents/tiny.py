@@ -183,12 +183,13 @@ def build_tiny_model(
         texts = default_tokenizer_corpus()
     tokenizer = train_tokenizer(texts, vocab_size=vocab_size)
     ids = tokenizer.convert_tokens_to_ids([BOS, EOS, PAD])
+    config_overrides.setdefault("attention_bias", bool(offset_heads))
     config = tiny_config(
         len(tokenizer),
         bos_token_id=ids[0],
         eos_token_id=ids[1],
         pad_token_id=ids[2],
-        **{"attention_bias": bool(offset_heads), **config_overrides},
+        **config_overrides,
     )
     # Seed a private RNG stream so building a model does not disturb the caller's global RNG.
     with torch.random.fork_rng(devices=[]):
@@ -238,6 +239,7 @@ def plant_offset_heads(model, offsets: Sequence[int], *, layer: int = 0, sharpne
     import torch
 
     config = model.config
+    offsets = [int(k) for k in offsets]
     attention = model.model.layers[layer].self_attn
     if attention.q_proj.bias is None or attention.k_proj.bias is None:
         raise ValueError("planting offset heads needs query/key biases: build the model with attention_bias=True")
@@ -245,8 +247,8 @@ def plant_offset_heads(model, offsets: Sequence[int], *, layer: int = 0, sharpne
         raise ValueError("planting offset heads needs one key head per query head (no grouped-query attention)")
     if len(offsets) > config.num_attention_heads:
         raise ValueError(f"{len(offsets)} offsets for {config.num_attention_heads} attention heads")
-    if any(int(k) < 1 for k in offsets):
-        raise ValueError(f"offsets must be >= 1, got {list(offsets)}")
+    if any(k < 1 for k in offsets):
+        raise ValueError(f"offsets must be >= 1, got {offsets}")
     if sharpness <= 0:
         raise ValueError(f"sharpness must be > 0, got {sharpness}")
     head_dim = attention.head_dim
@@ -258,7 +260,7 @@ def plant_offset_heads(model, offsets: Sequence[int], *, layer: int = 0, sharpne
     with torch.no_grad():
         for head, offset in enumerate(offsets):
             # the smallest score gap between the target and any other position in the window
-            shifts = torch.arange(positions, dtype=torch.float64) - int(offset)
+            shifts = torch.arange(positions, dtype=torch.float64) - offset
             shifts = shifts[shifts != 0]
             gap = float((1.0 - torch.cos(theta[:, None] * shifts[None, :])).sum(0).min())
             scale = math.sqrt(sharpness * math.sqrt(head_dim) / gap)
@@ -266,8 +268,8 @@ def plant_offset_heads(model, offsets: Sequence[int], *, layer: int = 0, sharpne
             query = torch.zeros(head_dim, dtype=torch.float64)
             key = torch.zeros(head_dim, dtype=torch.float64)
             query[:half] = scale
-            key[:half] = scale * torch.cos(int(offset) * theta)
-            key[half:] = scale * torch.sin(int(offset) * theta)
+            key[:half] = scale * torch.cos(offset * theta)
+            key[half:] = scale * torch.sin(offset * theta)
             attention.q_proj.weight[rows] = 0.0
             attention.k_proj.weight[rows] = 0.0
             attention.q_proj.bias[rows] = query.to(attention.q_proj.bias.dtype)

@@ -249,9 +249,8 @@ def test_tiny_config_size():
     assert 1.5e6 < model.num_parameters() < 2.5e6
 
 
-
 def _attention_on_offset(model, ids, head, offset):
-    """Mean attention weight of ``head`` (layer 0) from position i to i - offset."""
+    """Attention weight of ``head`` (layer 0) from each position i >= offset to i - offset."""
     attentions = model(input_ids=ids, output_attentions=True).attentions[0][0, head]
     rows = torch.arange(offset, ids.shape[1])
     return attentions[rows, rows - offset]
@@ -309,6 +308,7 @@ def test_planting_rejects_what_it_cannot_do():
     grouped.num_key_value_heads = 1
     with pytest.raises(ValueError, match="no grouped-query attention"):
         plant_offset_heads(AutoModelForCausalLM.from_config(grouped), [1])
+
 
 def test_bad_path_gives_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist.*never downloads"):
