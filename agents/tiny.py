@@ -256,14 +256,16 @@ def plant_offset_heads(model, offsets: Sequence[int], *, layer: int = 0, sharpne
     half = head_dim // 2
     if theta.numel() != half:
         raise ValueError(f"rotary embedding has {theta.numel()} frequencies for head_dim {head_dim}")
-    positions = int(getattr(config, "max_position_embeddings", 4096))
+    distances = torch.arange(int(getattr(config, "max_position_embeddings", 4096)), dtype=torch.float64)
+    scales: dict[int, float] = {}
+    for offset in set(offsets):
+        # the smallest score gap between the target and any other position in the window
+        shifts = distances[distances != offset] - offset
+        gap = float((1.0 - torch.cos(theta[:, None] * shifts[None, :])).sum(0).min())
+        scales[offset] = math.sqrt(sharpness * math.sqrt(head_dim) / gap)
     with torch.no_grad():
         for head, offset in enumerate(offsets):
-            # the smallest score gap between the target and any other position in the window
-            shifts = torch.arange(positions, dtype=torch.float64) - offset
-            shifts = shifts[shifts != 0]
-            gap = float((1.0 - torch.cos(theta[:, None] * shifts[None, :])).sum(0).min())
-            scale = math.sqrt(sharpness * math.sqrt(head_dim) / gap)
+            scale = scales[offset]
             rows = slice(head * head_dim, (head + 1) * head_dim)
             query = torch.zeros(head_dim, dtype=torch.float64)
             key = torch.zeros(head_dim, dtype=torch.float64)
