@@ -166,7 +166,9 @@ def build_tiny_model(
         texts: tokenizer training corpus; ``None`` uses :func:`default_tokenizer_corpus` with its
             defaults, so models built with different seeds share one tokenizer.
         seed: seeds the weight initialisation (the tokenizer is deterministic given ``texts``).
-        vocab_size: tokenizer vocabulary size.
+        vocab_size: tokenizer vocabulary size. With 2,048 most names and values of the
+            synthetic generator become single tokens, but the tiny warm start did not copy
+            values any sooner (docs/results.md), so the default stays 1,024.
         offset_heads: offsets of fixed-offset heads planted in the first layer by
             :func:`plant_offset_heads` (e.g. ``(1, 2)``: head 0 attends to the previous token,
             head 1 to the one before); non-empty turns on ``attention_bias``.
