@@ -1,4 +1,5 @@
-"""Warm start: behaviour cloning of the noisy teacher into the embedded tiny model.
+"""Warm start: behaviour cloning of the noisy teacher into the embedded tiny model (or any
+local checkpoint).
 
 A randomly initialised tiny model emits no valid JSON, so RL from scratch would see only parse
 errors and zero rewards. ``memr2 train`` therefore first teaches it the two action formats by
@@ -8,7 +9,7 @@ supervised fine-tuning on what :class:`~agents.baselines.NoisyTeacher` does on s
    every ``(role, observation text, action)``: exactly the observations the policy will see.
 2. :func:`behaviour_clone` trains the policy with cross-entropy on the assistant tokens only
    (AdamW, short linear warmup then cosine decay, gradient clipping).
-3. :func:`warm_start` builds the tiny model, measures the valid-JSON rate of greedy samples on
+3. :func:`warm_start` builds the tiny model (or loads a local checkpoint), measures the valid-JSON rate of greedy samples on
    held-out observations before and after training, compares the warmed model's env score with
    the teacher's and the oracle's on the same tasks, and saves a plain ``save_pretrained``
    directory plus ``sft_report.json``.
@@ -19,6 +20,7 @@ scores below the oracle, which leaves room for RL to improve on the teacher.
 Command line (``memr2 sft``)::
 
     memr2 sft --preset tiny --out runs/warm_start
+    memr2 sft --model ~/models/my-instruct-lm --lr 2e-5 --device cuda --out runs/warm_mine
 
 torch and transformers are imported inside the functions that need them, so the ``memr2`` CLI can
 import this module without them.
@@ -49,6 +51,7 @@ __all__ = [
     "add_arguments",
     "run",
     "MIN_SFT_HORIZON",
+    "PRETRAINED_LR",
     "REPORT_NAME",
 ]
 
@@ -428,16 +431,21 @@ def warm_start(
     probes_per_role: int = 64,
     horizon: int | None = None,
     device: str = "cpu",
+    model_path: str | Path | None = None,
+    lr: float | None = None,
+    batch_size: int | None = None,
 ) -> dict[str, Any]:
-    """Build the tiny model, clone the noisy teacher into it, measure it and save it.
+    """Build the tiny model (or load ``model_path``), clone the noisy teacher into it, measure it
+    and save it.
 
     Steps: (1) the teacher plays ``task_seeds`` (the training data) and ``eval_seeds`` (held-out
     probe observations) for :func:`sft_horizon` sessions;
     (2) the tiny model (``preset.tiny_hidden`` x ``preset.tiny_layers``, ``preset.tiny_heads``
     heads, weights seeded by ``seed``) is built in a temporary directory and loaded as a
-    :class:`~agents.policy.SharedPolicy`; (3) the valid-JSON rate of its greedy actions on the
-    probes is measured before and after :func:`behaviour_clone` with ``preset.sft_steps``,
-    ``preset.sft_batch`` and ``preset.sft_lr``; (4) the warmed policy is validated on
+    :class:`~agents.policy.SharedPolicy`, or, with ``model_path``, that local checkpoint is
+    loaded instead (the same code path from there on); (3) the valid-JSON rate of its greedy
+    actions on the probes is measured before and after :func:`behaviour_clone` with
+    ``preset.sft_steps``, ``preset.sft_batch`` and ``preset.sft_lr`` (or the overrides); (4) the warmed policy is validated on
     ``eval_seeds`` at the first stage's horizon (:func:`agents.curriculum.validate`, final-mode
     F1) next to the teacher, the oracle and an agent with no memory, all scored the same way;
     (5) model, tokenizer and ``sft_report.json`` are written atomically to ``out_dir``, which
@@ -454,9 +462,18 @@ def warm_start(
         probes_per_role: held-out observations per role for the valid-JSON rate.
         horizon: override the teacher's horizon for the training data.
         device: torch device for training.
+        model_path: a local ``save_pretrained`` directory (model and tokenizer with a chat
+            template) to warm-start instead of building the tiny model; never downloads.
+            Rendered with ``preset.prompt_style``, as ``memr2 train`` will render it.
+        lr: override ``preset.sft_lr``.
+        batch_size: override ``preset.sft_batch``.
 
     Returns:
         The report (also saved as ``sft_report.json``).
+
+    Raises:
+        FileNotFoundError: ``model_path`` is not a local checkpoint directory.
+        ValueError: ``steps`` is negative, or ``lr`` or ``batch_size`` is not positive.
     """
     import torch
 
@@ -469,19 +486,31 @@ def warm_start(
 
     started = time.perf_counter()
     steps = preset.sft_steps if steps is None else int(steps)
+    lr = preset.sft_lr if lr is None else float(lr)
+    batch_size = preset.sft_batch if batch_size is None else int(batch_size)
+    if steps < 0:
+        raise ValueError(f"steps must be >= 0, got {steps}")
+    if not lr > 0:
+        raise ValueError(f"lr must be positive, got {lr}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     data_horizon = sft_horizon(preset) if horizon is None else int(horizon)
     eval_horizon = preset.stages[0].horizon
     max_new_tokens = preset.max_new_tokens
 
+    if model_path is not None:
+        policy = SharedPolicy.from_pretrained(model_path, device=device, prompt_style=preset.prompt_style)
+    else:
+        with tempfile.TemporaryDirectory(prefix="memr2-tiny-") as tmp:
+            build_tiny_model(
+                tmp, seed=seed, hidden_size=preset.tiny_hidden, num_layers=preset.tiny_layers, num_heads=preset.tiny_heads
+            )
+            policy = SharedPolicy.from_pretrained(tmp, device=device, prompt_style=preset.prompt_style)
+    config = policy.model.config
+
     examples = teacher_examples(preset, task_seeds, horizon=data_horizon, noise=preset.teacher_noise, seed=seed)
     held_out = teacher_examples(preset, eval_seeds, horizon=data_horizon, noise=preset.teacher_noise, seed=seed)
     probes = _probe_examples(held_out, probes_per_role, seed)
-
-    with tempfile.TemporaryDirectory(prefix="memr2-tiny-") as tmp:
-        build_tiny_model(
-            tmp, seed=seed, hidden_size=preset.tiny_hidden, num_layers=preset.tiny_layers, num_heads=preset.tiny_heads
-        )
-        policy = SharedPolicy.from_pretrained(tmp, device=device, prompt_style=preset.prompt_style)
     parameters = sum(p.numel() for p in policy.model.parameters())
     lengths = _length_stats(policy, examples, max_new_tokens)
 
@@ -489,7 +518,7 @@ def warm_start(
         torch.manual_seed(seed)
         before = valid_json_rate(policy, probes, max_new_tokens=max_new_tokens)
         history = behaviour_clone(
-            policy, examples, steps=steps, batch_size=preset.sft_batch, lr=preset.sft_lr, seed=seed, progress=progress
+            policy, examples, steps=steps, batch_size=batch_size, lr=lr, seed=seed, progress=progress
         )
         after = valid_json_rate(policy, probes, max_new_tokens=max_new_tokens)
 
@@ -507,12 +536,17 @@ def warm_start(
     report: dict[str, Any] = {
         "seed": seed,
         "steps": steps,
-        "batch_size": preset.sft_batch,
-        "lr": preset.sft_lr,
+        "batch_size": batch_size,
+        "lr": lr,
         "teacher_noise": preset.teacher_noise,
         "model": {
-            "hidden_size": preset.tiny_hidden, "num_layers": preset.tiny_layers, "num_heads": preset.tiny_heads,
+            "source": "tiny" if model_path is None else str(model_path),
+            "model_type": getattr(config, "model_type", None),
+            "hidden_size": getattr(config, "hidden_size", None),
+            "num_layers": getattr(config, "num_hidden_layers", None),
+            "num_heads": getattr(config, "num_attention_heads", None),
             "parameters": parameters,
+            "prompt_style": preset.prompt_style,
         },
         "data": {
             "train_tasks": len(task_seeds),
@@ -557,12 +591,34 @@ def _sft_presets() -> list[str]:
     return sorted(name for name, preset in PRESETS.items() if preset.sft_steps > 0)
 
 
+PRETRAINED_LR = 2e-5
+"""Default behaviour-cloning learning rate of ``memr2 sft --model PATH``. The presets' ``sft_lr``
+(2e-3) is for the tiny model trained from scratch and would wreck a pretrained checkpoint;
+2e-5 is TRL's ``SFTConfig`` default for fine-tuning one."""
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Options of ``memr2 sft``."""
-    p.add_argument("--preset", choices=_sft_presets(), default="tiny", help="run size (default: tiny)")
+    from agents.train import PRESETS
+
+    p.add_argument(
+        "--preset", choices=sorted(PRESETS), default="tiny",
+        help="run size: data, batch, steps, prompt style (default: tiny; without --model one of "
+        + ", ".join(_sft_presets()) + ")",
+    )
     p.add_argument("--out", type=Path, required=True, help="directory for the warmed model and sft_report.json")
+    p.add_argument(
+        "--model", type=Path, default=None,
+        help="local HF checkpoint (model + tokenizer with a chat template) to warm-start instead of building "
+        "the tiny model; never downloads",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed for tasks, teacher, model and batches (default: 0)")
     p.add_argument("--steps", type=int, default=None, help="behaviour-cloning steps (default: the preset's sft_steps)")
+    p.add_argument(
+        "--lr", type=float, default=None,
+        help=f"peak learning rate (default: the preset's sft_lr for the tiny model, {PRETRAINED_LR:g} with --model)",
+    )
+    p.add_argument("--batch-size", type=int, default=None, help="examples per step (default: the preset's sft_batch)")
     p.add_argument("--device", default="cpu", help="torch device (cpu, cuda)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
@@ -574,7 +630,10 @@ def format_report(report: dict[str, Any]) -> str:
         return "   -  " if value is None else f"{value:6.1%}"
 
     before, after, env = report["valid_json_before"], report["valid_json_after"], report["env"]
+    model = report.get("model", {})
     lines = [
+        f"model: {model.get('source', 'tiny')} ({model.get('parameters', 0) / 1e6:.2f} M parameters, "
+        f"{model.get('prompt_style', '?')} prompts)",
         f"warm start: {report['steps']} steps, batch {report['batch_size']}, lr {report['lr']:g}, "
         f"{report['data']['examples']} teacher examples, {report['wall_s']:.0f} s "
         f"(training {report['train_s']:.0f} s)",
@@ -598,21 +657,42 @@ def format_report(report: dict[str, Any]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    """``memr2 sft``: warm-start the tiny model for a preset and print the report."""
+    """``memr2 sft``: warm-start the tiny model (or ``--model PATH``) for a preset and print the report."""
     from agents.train import PRESETS, _task_seeds
 
     preset = PRESETS[args.preset]
+    if args.model is None and preset.sft_steps <= 0:
+        raise SystemExit(
+            f"memr2 sft: preset {args.preset!r} does not warm-start the tiny model; pass --model PATH "
+            f"(your own checkpoint) and --steps, or use one of {', '.join(_sft_presets())}"
+        )
+    if args.model is not None and args.steps is None and preset.sft_steps <= 0:
+        raise SystemExit(f"memr2 sft: preset {args.preset!r} sets no warm-start steps; pass --steps N")
+    for name in ("steps", "lr", "batch_size"):
+        value = getattr(args, name)
+        if value is not None and (value < 0 if name == "steps" else value <= 0):
+            flag = "--" + name.replace("_", "-")
+            raise SystemExit(f"memr2 sft: {flag} must be {'>= 0' if name == 'steps' else 'positive'}, got {value}")
+    lr = args.lr if args.lr is not None or args.model is None else PRETRAINED_LR
     seeds = _task_seeds(args.seed, preset)
-    report = warm_start(
-        args.out,
-        preset,
-        seed=args.seed,
-        task_seeds=seeds["sft"],
-        eval_seeds=seeds["val"],
-        progress=not args.no_progress,
-        steps=args.steps,
-        device=args.device,
-    )
+    try:
+        report = warm_start(
+            args.out,
+            preset,
+            seed=args.seed,
+            task_seeds=seeds["sft"],
+            eval_seeds=seeds["val"],
+            progress=not args.no_progress,
+            steps=args.steps,
+            device=args.device,
+            model_path=args.model,
+            lr=lr,
+            batch_size=args.batch_size,
+        )
+    except (FileNotFoundError, ValueError) as err:
+        if args.model is None:
+            raise
+        raise SystemExit(f"memr2 sft: cannot warm-start {str(args.model)!r}: {err}") from err
     print(format_report(report))
     print(f"model and report: {Path(args.out)}")
     return 0

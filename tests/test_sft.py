@@ -223,3 +223,74 @@ def test_cli_parses_sft_arguments():
     assert (args.preset, str(args.out), args.steps, args.no_progress, args.seed) == ("smoke", "x", 5, True, 0)
     with pytest.raises(SystemExit):
         build_parser().parse_args(["sft", "--preset", "smoke"])  # --out is required
+
+
+# ------------------------------------------------------------------ your own checkpoint
+
+
+def _weights(directory):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(directory, local_files_only=True)
+    return model, {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def test_sft_warm_starts_a_local_checkpoint_and_keeps_its_tokenizer(foreign_checkpoint, tmp_path):
+    """``memr2 sft --model PATH`` clones the teacher into *that* checkpoint (here a Qwen2 model
+    with a ChatML template) instead of building the tiny model, and saves it in the same form."""
+    from transformers import AutoTokenizer
+
+    from agents.cli import main
+
+    out = tmp_path / "warm"
+    argv = ["sft", "--preset", "smoke", "--model", str(foreign_checkpoint), "--out", str(out)]
+    assert main(argv + ["--steps", "40", "--lr", "3e-3", "--batch-size", "8", "--no-progress"]) == 0
+    report = json.loads((out / REPORT_NAME).read_text())
+    assert report["model"]["source"] == str(foreign_checkpoint)
+    assert report["model"]["model_type"] == "qwen2" and report["model"]["hidden_size"] == 64
+    assert (report["steps"], report["lr"], report["batch_size"]) == (40, 3e-3, 8)
+    assert report["loss_last"] < report["loss_first"] / 2
+    model, weights = _weights(out)
+    _, start = _weights(foreign_checkpoint)
+    assert model.config.model_type == "qwen2"
+    assert any(not torch.equal(weights[k], start[k]) for k in start)
+    assert "<|im_start|>" in AutoTokenizer.from_pretrained(out, local_files_only=True).chat_template
+
+
+def test_sft_with_zero_steps_measures_the_checkpoint_as_it_is(foreign_checkpoint, tmp_path):
+    """``--steps 0`` trains nothing: the saved weights are the input's, bit for bit (so the warm
+    start really starts from the given checkpoint), and the report holds its scores; without
+    ``--lr`` a checkpoint gets the fine-tuning default, not the tiny model's 2e-3."""
+    from agents.cli import main
+    from agents.sft import PRETRAINED_LR
+
+    out = tmp_path / "as_is"
+    assert main(["sft", "--preset", "smoke", "--model", str(foreign_checkpoint), "--out", str(out), "--steps", "0", "--no-progress"]) == 0
+    _, start = _weights(foreign_checkpoint)
+    _, saved = _weights(out)
+    assert start.keys() == saved.keys() and all(torch.equal(start[k], saved[k]) for k in start)
+    report = json.loads((out / REPORT_NAME).read_text())
+    assert report["lr"] == PRETRAINED_LR and report["loss"] == []
+    assert report["valid_json_after"] == report["valid_json_before"]
+    assert set(report["env"]) >= {"model", "teacher", "oracle", "no_memory"}
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--model", "{missing}"], "cannot warm-start"),
+        (["--preset", "paper"], "does not warm-start the tiny model"),
+        (["--preset", "paper", "--model", "{checkpoint}"], "pass --steps"),
+        (["--lr", "0"], "--lr must be positive"),
+        (["--batch-size", "0"], "--batch-size must be positive"),
+        (["--steps", "-1"], "--steps must be >= 0"),
+    ],
+)
+def test_sft_cli_rejects_bad_options_clearly(extra, message, foreign_checkpoint, tmp_path):
+    from agents.cli import main
+
+    extra = [a.format(missing=tmp_path / "nowhere", checkpoint=foreign_checkpoint) for a in extra]
+    with pytest.raises(SystemExit) as err:
+        main(["sft", "--out", str(tmp_path / "out"), "--no-progress"] + extra)
+    assert message in str(err.value)
+    assert not (tmp_path / "out").exists()
