@@ -9,10 +9,10 @@ supervised fine-tuning on what :class:`~agents.baselines.NoisyTeacher` does on s
    every ``(role, observation text, action)``: exactly the observations the policy will see.
 2. :func:`behaviour_clone` trains the policy with cross-entropy on the assistant tokens only
    (AdamW, short linear warmup then cosine decay, gradient clipping).
-3. :func:`warm_start` builds the tiny model (or loads a local checkpoint), measures the valid-JSON rate of greedy samples on
-   held-out observations before and after training, compares the warmed model's env score with
-   the teacher's and the oracle's on the same tasks, and saves a plain ``save_pretrained``
-   directory plus ``sft_report.json``.
+3. :func:`warm_start` builds the tiny model (or loads a local checkpoint), measures the
+   valid-JSON rate of greedy samples on held-out observations before and after training,
+   compares the warmed model's env score with the teacher's and the oracle's on the same tasks,
+   and saves a plain ``save_pretrained`` directory plus ``sft_report.json``.
 
 The teacher makes mistakes on purpose (``preset.teacher_noise``): a warmed model that imitates it
 scores below the oracle, which leaves room for RL to improve on the teacher.
@@ -445,9 +445,10 @@ def warm_start(
     :class:`~agents.policy.SharedPolicy`, or, with ``model_path``, that local checkpoint is
     loaded instead (the same code path from there on); (3) the valid-JSON rate of its greedy
     actions on the probes is measured before and after :func:`behaviour_clone` with
-    ``preset.sft_steps``, ``preset.sft_batch`` and ``preset.sft_lr`` (or the overrides); (4) the warmed policy is validated on
-    ``eval_seeds`` at the first stage's horizon (:func:`agents.curriculum.validate`, final-mode
-    F1) next to the teacher, the oracle and an agent with no memory, all scored the same way;
+    ``preset.sft_steps``, ``preset.sft_batch`` and ``preset.sft_lr`` (or the overrides); (4) the
+    warmed policy is validated on ``eval_seeds`` at the first stage's horizon
+    (:func:`agents.curriculum.validate`, final-mode F1) next to the teacher, the oracle and an
+    agent with no memory, all scored the same way;
     (5) model, tokenizer and ``sft_report.json`` are written atomically to ``out_dir``, which
     loads offline with plain ``AutoModelForCausalLM`` / ``AutoTokenizer.from_pretrained``.
 
