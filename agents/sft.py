@@ -53,6 +53,7 @@ __all__ = [
     "MIN_SFT_HORIZON",
     "PRETRAINED_LR",
     "REPORT_NAME",
+    "WarmStartError",
 ]
 
 IGNORE_INDEX = -100
@@ -72,6 +73,10 @@ class Example(NamedTuple):
     role: int
     text: str
     action: str
+
+
+class WarmStartError(ValueError):
+    """A warm start that cannot begin: the ``model_path`` checkpoint does not load as a policy."""
 
 
 # ------------------------------------------------------------------------------------ data
@@ -473,7 +478,8 @@ def warm_start(
         The report (also saved as ``sft_report.json``).
 
     Raises:
-        FileNotFoundError: ``model_path`` is not a local checkpoint directory.
+        WarmStartError: ``model_path`` does not load (no such directory, no ``config.json``, no
+            chat template...); raised before any data is built.
         ValueError: ``steps`` is negative, or ``lr`` or ``batch_size`` is not positive.
     """
     import torch
@@ -500,7 +506,10 @@ def warm_start(
     max_new_tokens = preset.max_new_tokens
 
     if model_path is not None:
-        policy = SharedPolicy.from_pretrained(model_path, device=device, prompt_style=preset.prompt_style)
+        try:
+            policy = SharedPolicy.from_pretrained(model_path, device=device, prompt_style=preset.prompt_style)
+        except (FileNotFoundError, ValueError) as err:
+            raise WarmStartError(f"cannot warm-start {str(model_path)!r}: {err}") from err
     else:
         with tempfile.TemporaryDirectory(prefix="memr2-tiny-") as tmp:
             build_tiny_model(
@@ -631,10 +640,9 @@ def format_report(report: dict[str, Any]) -> str:
         return "   -  " if value is None else f"{value:6.1%}"
 
     before, after, env = report["valid_json_before"], report["valid_json_after"], report["env"]
-    model = report.get("model", {})
+    model = report["model"]
     lines = [
-        f"model: {model.get('source', 'tiny')} ({model.get('parameters', 0) / 1e6:.2f} M parameters, "
-        f"{model.get('prompt_style', '?')} prompts)",
+        f"model: {model['source']} ({model['parameters'] / 1e6:.2f} M parameters, {model['prompt_style']} prompts)",
         f"warm start: {report['steps']} steps, batch {report['batch_size']}, lr {report['lr']:g}, "
         f"{report['data']['examples']} teacher examples, {report['wall_s']:.0f} s "
         f"(training {report['train_s']:.0f} s)",
@@ -669,12 +677,15 @@ def run(args: argparse.Namespace) -> int:
         )
     if args.model is not None and args.steps is None and preset.sft_steps <= 0:
         raise SystemExit(f"memr2 sft: preset {args.preset!r} sets no warm-start steps; pass --steps N")
-    for name in ("steps", "lr", "batch_size"):
-        value = getattr(args, name)
-        if value is not None and (value < 0 if name == "steps" else value <= 0):
-            flag = "--" + name.replace("_", "-")
-            raise SystemExit(f"memr2 sft: {flag} must be {'>= 0' if name == 'steps' else 'positive'}, got {value}")
-    lr = args.lr if args.lr is not None or args.model is None else PRETRAINED_LR
+    if args.steps is not None and args.steps < 0:
+        raise SystemExit(f"memr2 sft: --steps must be >= 0, got {args.steps}")
+    if args.lr is not None and not args.lr > 0:
+        raise SystemExit(f"memr2 sft: --lr must be positive, got {args.lr}")
+    if args.batch_size is not None and args.batch_size < 1:
+        raise SystemExit(f"memr2 sft: --batch-size must be positive, got {args.batch_size}")
+    lr = args.lr
+    if lr is None and args.model is not None:
+        lr = PRETRAINED_LR  # the presets' sft_lr is for the tiny model trained from scratch
     seeds = _task_seeds(args.seed, preset)
     try:
         report = warm_start(
@@ -690,10 +701,8 @@ def run(args: argparse.Namespace) -> int:
             lr=lr,
             batch_size=args.batch_size,
         )
-    except (FileNotFoundError, ValueError) as err:
-        if args.model is None:
-            raise
-        raise SystemExit(f"memr2 sft: cannot warm-start {str(args.model)!r}: {err}") from err
+    except WarmStartError as err:
+        raise SystemExit(f"memr2 sft: {err}") from err
     print(format_report(report))
     print(f"model and report: {Path(args.out)}")
     return 0
