@@ -104,7 +104,7 @@ class GRPO:
     name = "grpo"
 
     def __init__(self, policy, engine: RolloutEngine, scorer, config: GRPOConfig, ref_policy=None, seed: int = 0):
-        import torch
+        from agents.optim import adamw
 
         self.policy = policy
         self.engine = engine
@@ -113,9 +113,7 @@ class GRPO:
         self.ref_policy = ref_policy
         self.rng = np.random.default_rng(seed)
         self.seed = seed
-        self.optimizer = torch.optim.AdamW(
-            policy.model.parameters(), lr=config.update.lr, weight_decay=config.update.weight_decay
-        )
+        self.optimizer = adamw(policy.model.parameters(), lr=config.update.lr, weight_decay=config.update.weight_decay)
         self.generated_tokens = 0
 
     # -- the global part -------------------------------------------------------------------

@@ -95,7 +95,8 @@ class SharedPolicy:
             path: directory holding the model (``config.json`` + weights) and the tokenizer.
             device: where to put the model.
             dtype: weight dtype; ``None`` means float32 on CPU (fast and exact there) and the
-                checkpoint's own dtype (``"auto"``) on accelerators.
+                checkpoint's own dtype (``"auto"``) on accelerators. The trainers keep float32
+                master weights for bfloat16 and float16 models (:mod:`agents.optim`).
             prompt_style: see :class:`SharedPolicy`.
 
         Raises:

@@ -244,7 +244,8 @@ def behaviour_clone(
     Each example becomes ``policy.training_example(role, text, action)``: the prompt exactly as
     the policy renders it for generation, followed by the action and the stop token; only the
     latter are learned (:func:`masked_lm_loss`). Batches are drawn by :func:`_batch_order` from
-    ``seed``, right-padded, and trained with AdamW, a linear warmup (default: 5% of the steps,
+    ``seed``, right-padded, and trained with AdamW (:func:`agents.optim.adamw`: float32 master weights
+    for a half-precision model), a linear warmup (default: 5% of the steps,
     at most 50) followed by a cosine decay to a tenth of ``lr``, and gradient clipping.
     ``callback(step, history)``, if given, runs after every optimizer step (``step`` counts from
     1); it may evaluate the model, which is put back in training mode afterwards.
@@ -255,6 +256,8 @@ def behaviour_clone(
     """
     import torch
 
+    from agents.optim import adamw
+
     if steps < 0:
         raise ValueError(f"steps must be >= 0, got {steps}")
     if batch_size < 1:
@@ -263,7 +266,7 @@ def behaviour_clone(
     model = policy.model
     device = model.device
     warmup = max(1, min(50, steps // 20)) if warmup is None else max(1, warmup)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    optimizer = adamw(model.parameters(), lr=lr, weight_decay=weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _lr_factor(s, steps, warmup))
     history: dict[str, Any] = {"loss": [], "lr": [], "steps": steps, "examples": len(rows), "trained_tokens": 0}
     bar = None

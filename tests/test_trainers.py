@@ -110,6 +110,25 @@ def test_one_iteration_changes_the_weights_and_keeps_numbers_finite(policy, algo
         assert metrics["local/groups"] == 2 and metrics["local/rows"] > 0
 
 
+
+def test_a_bfloat16_policy_trains_on_float32_master_weights(tmp_path):
+    """On an accelerator checkpoints load in bfloat16; the trainer must not round its updates
+    away (agents.optim). Same code path on the CPU with an explicit dtype."""
+    from agents.optim import MasterWeightAdamW
+
+    corpus = ['{"facts": [{"speaker": "Ann", "dia_id": "D1:1", "fact": "Ann likes item a lot."}]}'] * 50
+    half = SharedPolicy.from_pretrained(build_tiny_model(tmp_path, corpus, seed=0, hidden_size=64, num_layers=2), dtype=torch.bfloat16)
+    sampler = ScriptedSampler(half)
+    trainer = LoGoGRPO(sampler, RolloutEngine(sampler, _env_fn, max_new_tokens=64), _env_fn(), _cfg(LoGoConfig, p_local=1.0, m_reruns=3, local_max_questions=None), seed=0)
+    assert isinstance(trainer.optimizer, MasterWeightAdamW)
+    masters = [m.clone() for m in trainer.optimizer.master_weights]
+    metrics = trainer.step([0], step=0)
+    assert metrics["update/rows"] > 0 and all(math.isfinite(v) for v in metrics.values()), metrics
+    assert all(p.dtype == torch.bfloat16 for p in half.model.parameters())
+    assert any(not torch.equal(a, b) for a, b in zip(masters, trainer.optimizer.master_weights))
+    for param, master in zip(half.model.parameters(), trainer.optimizer.master_weights):
+        assert torch.equal(param.detach(), master.to(torch.bfloat16))
+
 def test_local_groups_start_from_one_snapshot_and_exclude_the_source(policy):
     sampler = ScriptedSampler(policy)
     engine = RolloutEngine(sampler, _env_fn, max_new_tokens=64)
