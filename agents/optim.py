@@ -12,9 +12,11 @@ quarters keep their initial values.
 dtype: the AdamW arithmetic runs on float32 copies of those parameters (the master weights),
 and after each step the model's weights are set to the masters rounded to their dtype. The
 forward and backward passes stay in the model's dtype, so sampling speed and activation memory
-are unchanged; the cost is 4 bytes per half-precision parameter for the master copy (AdamW's
-two moments are float32 too, as they are for a float32 model). A model that is all float32 (the
-CPU default) gets ``torch.optim.AdamW`` itself, bit for bit what it got before.
+are unchanged. Memory: 2 bytes of bfloat16 weight, 2 of gradient, 4 of master and 8 of AdamW
+moments (float32, like the masters they belong to) make 16 bytes per parameter, as for float32
+training, against 8 for plain AdamW in bfloat16, which does not train at these rates. A model
+that is all float32 (the CPU default) gets ``torch.optim.AdamW`` itself, bit for bit what it got
+before.
 
 Limits: gradients are still computed and accumulated over micro-batches in the model's dtype,
 and float16 models get no loss scaling (bfloat16 needs none).
