@@ -29,6 +29,7 @@ import this module without them.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import tempfile
@@ -610,6 +611,12 @@ PRETRAINED_LR = 2e-5
 2e-5 is TRL's ``SFTConfig`` default for fine-tuning one."""
 
 
+MAX_SFT_TASKS = 700_000
+"""Most teacher conversations ``memr2 sft --tasks`` takes: the warm-start task seeds of run seed
+``s`` start at ``1,000,000 * (s + 1) + 300,000``, so more would reach the next run seed's training
+conversations."""
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Options of ``memr2 sft``."""
     from agents.train import PRESETS
@@ -632,6 +639,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help=f"peak learning rate (default: the preset's sft_lr for the tiny model, {PRETRAINED_LR:g} with --model)",
     )
     p.add_argument("--batch-size", type=int, default=None, help="examples per step (default: the preset's sft_batch)")
+    p.add_argument(
+        "--tasks", type=int, default=None,
+        help="synthetic conversations the teacher plays for the training data (default: the preset's "
+        f"sft_tasks; at most {MAX_SFT_TASKS:,}); give longer runs more, so the model sees each example about once",
+    )
     p.add_argument("--device", default="cpu", help="torch device (cpu, cuda)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
@@ -686,6 +698,10 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit(f"memr2 sft: --lr must be positive, got {args.lr}")
     if args.batch_size is not None and args.batch_size < 1:
         raise SystemExit(f"memr2 sft: --batch-size must be positive, got {args.batch_size}")
+    if args.tasks is not None and not 1 <= args.tasks <= MAX_SFT_TASKS:
+        raise SystemExit(f"memr2 sft: --tasks must be between 1 and {MAX_SFT_TASKS:,}, got {args.tasks}")
+    if args.tasks is not None:
+        preset = dataclasses.replace(preset, sft_tasks=args.tasks)
     lr = args.lr
     if lr is None and args.model is not None:
         lr = PRETRAINED_LR  # the presets' sft_lr is for the tiny model trained from scratch

@@ -275,6 +275,25 @@ def test_sft_with_zero_steps_measures_the_checkpoint_as_it_is(foreign_checkpoint
     assert set(report["env"]) >= {"model", "teacher", "oracle", "no_memory"}
 
 
+def test_sft_tasks_sets_how_many_conversations_the_teacher_plays(foreign_checkpoint, tmp_path):
+    """``--tasks N`` builds the training data from the first N warm-start task seeds of the run
+    seed (the default's seeds are the first ``sft_tasks`` of them)."""
+    from agents.cli import main
+    from agents.sft import sft_horizon, teacher_examples
+    from agents.train import PRESETS, _task_seeds
+
+    out = tmp_path / "more_tasks"
+    args = ["sft", "--preset", "smoke", "--model", str(foreign_checkpoint), "--out", str(out), "--steps", "0"]
+    assert main(args + ["--tasks", "6", "--no-progress"]) == 0
+    report = json.loads((out / REPORT_NAME).read_text())
+    preset = PRESETS["smoke"]
+    seeds = _task_seeds(0, preset)["sft"]
+    assert preset.sft_tasks < 6 and seeds == [seeds[0] + i for i in range(preset.sft_tasks)]
+    expected = teacher_examples(preset, [seeds[0] + i for i in range(6)], horizon=sft_horizon(preset), noise=preset.teacher_noise, seed=0)
+    assert report["data"]["train_tasks"] == 6
+    assert report["data"]["examples"] == len(expected)
+
+
 @pytest.mark.parametrize(
     "extra, message",
     [
@@ -284,6 +303,7 @@ def test_sft_with_zero_steps_measures_the_checkpoint_as_it_is(foreign_checkpoint
         (["--lr", "0"], "--lr must be positive"),
         (["--batch-size", "0"], "--batch-size must be positive"),
         (["--steps", "-1"], "--steps must be >= 0"),
+        (["--tasks", "0"], "--tasks must be between 1 and 700,000"),
     ],
 )
 def test_sft_cli_rejects_bad_options_clearly(extra, message, foreign_checkpoint, tmp_path):
