@@ -52,9 +52,9 @@ class MasterWeightAdamW(torch.optim.AdamW):
     """
 
     def __init__(self, params: Iterable[torch.Tensor], **kwargs):
-        self._params = [p for p in params if isinstance(p, torch.Tensor)]
-        if not self._params:
-            raise ValueError("MasterWeightAdamW got no parameters (parameter groups as dicts are not supported)")
+        self._params = list(params)
+        if not self._params or not all(isinstance(p, torch.Tensor) for p in self._params):
+            raise ValueError("MasterWeightAdamW takes a non-empty iterable of tensors (parameter groups as dicts are not supported)")
         self._masters = [
             p.detach().float().clone().requires_grad_(p.requires_grad) if p.dtype in HALF_DTYPES else p
             for p in self._params

@@ -119,6 +119,14 @@ def test_state_dict_resumes_from_the_masters_not_the_rounded_weights():
         assert torch.equal(a, b)
 
 
+def test_parameter_groups_are_refused_rather_than_dropped():
+    weight = torch.nn.Parameter(torch.zeros(2, dtype=torch.bfloat16))
+    with pytest.raises(ValueError, match="iterable of tensors"):
+        MasterWeightAdamW([{"params": [weight]}], lr=1e-3)
+    with pytest.raises(ValueError, match="iterable of tensors"):
+        MasterWeightAdamW([], lr=1e-3)
+
+
 def test_state_dict_of_another_model_is_refused():
     optimizer = adamw(_llama(torch.bfloat16).parameters(), lr=1e-3, weight_decay=0.0)
     state = optimizer.state_dict()
