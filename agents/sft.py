@@ -245,9 +245,9 @@ def behaviour_clone(
     Each example becomes ``policy.training_example(role, text, action)``: the prompt exactly as
     the policy renders it for generation, followed by the action and the stop token; only the
     latter are learned (:func:`masked_lm_loss`). Batches are drawn by :func:`_batch_order` from
-    ``seed``, right-padded, and trained with AdamW (:func:`agents.optim.adamw`: float32 master weights
-    for a half-precision model), a linear warmup (default: 5% of the steps,
-    at most 50) followed by a cosine decay to a tenth of ``lr``, and gradient clipping.
+    ``seed``, right-padded, and trained with AdamW (:func:`agents.optim.adamw`: float32 master
+    weights for a half-precision model), a linear warmup (default: 5% of the steps, at most 50)
+    followed by a cosine decay to a tenth of ``lr``, and gradient clipping.
     ``callback(step, history)``, if given, runs after every optimizer step (``step`` counts from
     1); it may evaluate the model, which is put back in training mode afterwards.
 
