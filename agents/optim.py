@@ -54,12 +54,14 @@ class MasterWeightAdamW(torch.optim.AdamW):
     def __init__(self, params: Iterable[torch.Tensor], **kwargs):
         self._params = list(params)
         if not self._params or not all(isinstance(p, torch.Tensor) for p in self._params):
-            raise ValueError("MasterWeightAdamW takes a non-empty iterable of tensors (parameter groups as dicts are not supported)")
-        self._masters = [
-            p.detach().float().clone().requires_grad_(p.requires_grad) if p.dtype in HALF_DTYPES else p
-            for p in self._params
-        ]
+            raise ValueError(
+                "MasterWeightAdamW takes a non-empty iterable of tensors (parameter groups as dicts are not supported)"
+            )
         self._half = [i for i, p in enumerate(self._params) if p.dtype in HALF_DTYPES]
+        self._masters = list(self._params)
+        for i in self._half:
+            param = self._params[i]
+            self._masters[i] = param.detach().float().clone().requires_grad_(param.requires_grad)
         super().__init__(self._masters, **kwargs)
 
     @property

@@ -698,9 +698,9 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit(f"memr2 sft: --lr must be positive, got {args.lr}")
     if args.batch_size is not None and args.batch_size < 1:
         raise SystemExit(f"memr2 sft: --batch-size must be positive, got {args.batch_size}")
-    if args.tasks is not None and not 1 <= args.tasks <= MAX_SFT_TASKS:
-        raise SystemExit(f"memr2 sft: --tasks must be between 1 and {MAX_SFT_TASKS:,}, got {args.tasks}")
     if args.tasks is not None:
+        if not 1 <= args.tasks <= MAX_SFT_TASKS:
+            raise SystemExit(f"memr2 sft: --tasks must be between 1 and {MAX_SFT_TASKS:,}, got {args.tasks}")
         preset = dataclasses.replace(preset, sft_tasks=args.tasks)
     lr = args.lr
     if lr is None and args.model is not None:
