@@ -15,9 +15,9 @@ import importlib
 import sys
 
 COMMANDS = {
-    "train": ("agents.train", "train a policy with LoGo-GRPO or GRPO through the horizon curriculum"),
-    "sft": ("agents.sft", "warm-start a policy by behaviour cloning of the noisy teacher"),
-    "eval": ("agents.evaluate", "evaluate an agent on synthetic tasks, LoCoMo or LongMemEval"),
+    "train": ("agents.commands.train", "train a policy with LoGo-GRPO or GRPO through the horizon curriculum"),
+    "sft": ("agents.commands.sft", "warm-start a policy by behaviour cloning of the noisy teacher"),
+    "eval": ("agents.commands.evaluate", "evaluate an agent on synthetic tasks, LoCoMo or LongMemEval"),
 }
 
 

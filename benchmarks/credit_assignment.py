@@ -2,7 +2,7 @@
 
 The toy-scale version of the paper's central ablation (paper, LoCoMo F1: LoGo-GRPO 49.67,
 GRPO 46.62, no curriculum 24.12). For every configuration and seed it runs ``memr2 train``'s
-job (``agents.train.train``) from the same warm-started model (one warm start per seed, shared
+job (``agents.commands.train.train``) from the same warm-started model (one warm start per seed, shared
 by the four configurations), validates on held-out conversations every ``--val-every`` steps,
 and records held-out F1 against the number of generated tokens so far (rerollouts included).
 Configurations are compared at EQUAL budgets of generated tokens: each run's validation curve
@@ -37,13 +37,13 @@ CONFIGS = {
 
 
 def _flat(preset):
-    from agents.curriculum import Stage
+    from agents.rl.curriculum import Stage
 
     return replace(preset, stages=(Stage(preset.stages[-1].horizon, sum(s.steps for s in preset.stages)),))
 
 
 def run_one(name, algo, curriculum, preset, seed, root: Path, warm: Path) -> dict:
-    from agents.train import train
+    from agents.presets import train
 
     out = root / f"{name.replace(', ', '-').replace(' ', '-')}-s{seed}"
     if (out / "results.json").exists():
@@ -86,16 +86,16 @@ def main() -> None:
                          "default: one warm start per seed")
     args = ap.parse_args()
 
-    from agents.curriculum import validate
+    from agents.rl.curriculum import validate
     from agents.policy import SharedPolicy
-    from agents.sft import warm_start
-    from agents.train import PRESETS, _task_seeds, make_env_fn
+    from agents.commands.sft import warm_start
+    from agents.presets import PRESETS, task_seeds, make_env_fn
 
     preset = replace(PRESETS[args.preset], val_every=args.val_every)
     args.out.mkdir(parents=True, exist_ok=True)
     curves_rows, run_rows = [], []
     for seed in args.seeds:
-        seeds = _task_seeds(seed, preset)
+        seeds = task_seeds(seed, preset)
         warm = args.warm or args.out / f"warm-s{seed}"
         if not (warm / "config.json").exists():
             warm_start(warm, preset, seed=seed, task_seeds=seeds["sft"], eval_seeds=seeds["val"], progress=False)

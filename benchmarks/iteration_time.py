@@ -32,18 +32,18 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=3, help="iterations per trainer and n")
     args = ap.parse_args()
 
-    from agents.grpo import GRPO, GRPOConfig
-    from agents.logo_grpo import LoGoConfig, LoGoGRPO
+    from agents.rl.grpo import GRPO, GRPOConfig
+    from agents.rl.logo_grpo import LoGoConfig, LoGoGRPO
     from agents.policy import SharedPolicy
-    from agents.rollout import RolloutEngine
-    from agents.train import PRESETS, _task_seeds, make_env_fn
-    from agents.update import UpdateConfig
+    from agents.generation.rollout import RolloutEngine
+    from agents.presets import PRESETS, task_seeds, make_env_fn
+    from agents.rl.update import UpdateConfig
 
     preset = PRESETS[args.preset]
-    seeds = _task_seeds(0, preset)
+    seeds = task_seeds(0, preset)
     model_dir = args.model
     if model_dir is None:
-        from agents.sft import warm_start
+        from agents.commands.sft import warm_start
 
         model_dir = Path(tempfile.mkdtemp()) / "warm"
         warm_start(model_dir, PRESETS["smoke"], seed=0, task_seeds=seeds["sft"][:4], eval_seeds=seeds["val"][:1], progress=False)

@@ -58,17 +58,17 @@ def main() -> None:
 
     import torch
 
-    from agents.backends import left_pad
+    from agents.generation.interface import left_pad
     from agents.policy import SharedPolicy
-    from agents.rollout import RolloutEngine, Start
-    from agents.train import PRESETS, _task_seeds, make_env_fn
+    from agents.generation.rollout import RolloutEngine, Start
+    from agents.presets import PRESETS, task_seeds, make_env_fn
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
     preset = PRESETS["tiny"]
-    seeds = _task_seeds(0, preset)
+    seeds = task_seeds(0, preset)
     model_dir = args.model
     if model_dir is None:
-        from agents.sft import warm_start
+        from agents.commands.sft import warm_start
 
         model_dir = Path(tempfile.mkdtemp()) / "warm"
         warm_start(model_dir, PRESETS["smoke"], seed=0, task_seeds=seeds["sft"][:4], eval_seeds=seeds["val"][:1], progress=False)
@@ -173,12 +173,12 @@ def main() -> None:
 
     def whole_prompts_run() -> float:
         # The continuous engine with every prompt prefilled whole: the role prefixes' keys and
-        # values are not reused (a benchmark-only override of the policy's cached prefixes).
-        policy.__dict__["role_prefixes"] = ()
+        # values are not reused.
+        policy.share_role_prefixes = False
         try:
             return engine_run(True)[1]
         finally:
-            del policy.__dict__["role_prefixes"]
+            policy.share_role_prefixes = True
 
     lockstep = lockstep_env_share = None
     whole_tps = bracketed("whole", whole_prompts_run)

@@ -26,7 +26,7 @@ def foreign_checkpoint(tmp_path_factory):
     """Directory of a random Qwen2 model (hidden 64, 2 layers) with a ChatML tokenizer."""
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
-    from agents.tiny import default_tokenizer_corpus, train_tokenizer
+    from agents.policy.tiny import default_tokenizer_corpus, train_tokenizer
 
     tokenizer = train_tokenizer(default_tokenizer_corpus(n_conversations=20), vocab_size=1024)
     tokenizer.add_special_tokens(

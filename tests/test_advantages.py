@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agents.advantages import (
+from agents.rl.advantages import (
     GroupId,
     assert_roles_not_mixed,
     group_advantages,

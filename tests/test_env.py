@@ -8,7 +8,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 import memenv
 from agents.baselines import AddOnlyAgent, NoisyTeacher, NoMemoryAgent, OracleAgent, StoreTurnsAgent
-from agents.evaluate import play_episode, summarize
+from agents.commands.evaluate import play_episode, summarize
 from memenv.env import MemSessionEnv
 from memenv.types import Conversation, QAItem, Session, Turn
 

@@ -148,7 +148,7 @@ def test_llm_reader_and_judge(tmp_path, server, capsys):
 def test_checkpoint_agent_acts_greedily(tmp_path):
     pytest.importorskip("torch")
     pytest.importorskip("transformers")
-    from agents.tiny import build_tiny_model
+    from agents.policy.tiny import build_tiny_model
 
     texts = ['{"facts": []}', '{"operations": []}', "Alice lives in Berlin."] * 10
     model_dir = build_tiny_model(tmp_path / "ckpt", texts=texts, vocab_size=300, hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64)

@@ -273,7 +273,7 @@ def tiny_hf():
     pytest.importorskip("transformers")
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from agents.tiny import train_tokenizer
+    from agents.policy.tiny import train_tokenizer
 
     texts = ["Alice lives in Berlin. Bob has a dog named Rex. <answer>Paris</answer>"] * 20
     tokenizer = train_tokenizer(texts, vocab_size=300)

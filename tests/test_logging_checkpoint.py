@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from agents.checkpoint import (
+from agents.commands.checkpoint import (
     atomic_write_dir,
     checkpoint_path,
     latest_checkpoint,
@@ -17,7 +17,7 @@ from agents.checkpoint import (
     restore_rng_state,
     save_checkpoint,
 )
-from agents.logging import MetricsLogger, plot_curves, read_metrics
+from agents.commands.logging import MetricsLogger, plot_curves, read_metrics
 
 # ---------------------------------------------------------------- logging
 

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from agents.loss import token_entropy, token_level_loss, turn_level_loss
+from agents.rl.loss import token_entropy, token_level_loss, turn_level_loss
 
 LOSSES = [turn_level_loss, token_level_loss]
 

@@ -16,7 +16,7 @@ transformers = pytest.importorskip("transformers")
 from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from agents.optim import MasterWeightAdamW, adamw  # noqa: E402
+from agents.rl.optim import MasterWeightAdamW, adamw  # noqa: E402
 
 
 def _llama(dtype, seed=0):
@@ -136,10 +136,10 @@ def test_state_dict_of_another_model_is_refused():
 
 
 def test_behaviour_clone_trains_a_bfloat16_checkpoint(foreign_checkpoint, monkeypatch):
-    import agents.optim
+    import agents.rl.optim
     from agents.policy import SharedPolicy
-    from agents.sft import behaviour_clone, teacher_examples
-    from agents.train import PRESETS
+    from agents.commands.sft import behaviour_clone, teacher_examples
+    from agents.presets import PRESETS
 
     examples = teacher_examples(PRESETS["smoke"], [11, 12], horizon=8, noise=0.3, seed=0)
 
@@ -152,7 +152,7 @@ def test_behaviour_clone_trains_a_bfloat16_checkpoint(foreign_checkpoint, monkey
         return _changed_share(policy.model, before)
 
     ours = changed_by_warm_start()
-    monkeypatch.setattr(agents.optim, "adamw", lambda params, **kw: torch.optim.AdamW(params, **kw))
+    monkeypatch.setattr(agents.rl.optim, "adamw", lambda params, **kw: torch.optim.AdamW(params, **kw))
     plain = changed_by_warm_start()
     # Measured: 77% of the weights move with master weights, 30% with plain AdamW in bfloat16.
     assert ours > 0.6 and plain < 0.45, (ours, plain)

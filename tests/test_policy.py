@@ -15,10 +15,11 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agents.backends import GenerationBackend, HFBackend
+from agents.generation.hf import HFBackend
+from agents.generation.interface import GenerationBackend
 from agents.policy import SharedPolicy
-from agents.prompts import ROLES, SYSTEM_PROMPTS, system_prompt
-from agents.tiny import build_tiny_model, plant_offset_heads, tiny_config, train_tokenizer
+from agents.policy.prompts import ROLES, SYSTEM_PROMPTS, system_prompt
+from agents.policy.tiny import build_tiny_model, plant_offset_heads, tiny_config, train_tokenizer
 
 LOGPROB_ATOL = 1e-4
 """Absolute tolerance between sampling-time and recomputed log-probs (float32, CPU)."""
@@ -343,7 +344,7 @@ def test_default_corpus_from_the_synthetic_generator():
     data = pytest.importorskip("memenv.data")
     if not hasattr(data, "generate_conversations"):
         pytest.skip("memenv.data.generate_conversations is not available yet")
-    from agents.tiny import default_tokenizer_corpus
+    from agents.policy.tiny import default_tokenizer_corpus
 
     texts = default_tokenizer_corpus(n_conversations=3, seed=0)
     assert any('"facts"' in t for t in texts) and any("[D1:1]" in t for t in texts)

@@ -7,11 +7,16 @@ import pytest
 import torch
 
 import memenv  # noqa: F401  (registers MemSession-v0)
-from agents.backends import HFBackend
-from agents.continuous import _SlabLayer, sample_tokens, supports_continuous
+from agents.generation.continuous import (
+    WORK_COUNTS,
+    _SlabLayer,
+    sample_tokens,
+    supports_continuous,
+)
+from agents.generation.hf import HFBackend
+from agents.generation.rollout import RolloutEngine, Start
 from agents.policy import SharedPolicy
-from agents.rollout import RolloutEngine, Start
-from agents.tiny import build_tiny_model
+from agents.policy.tiny import build_tiny_model
 from memenv.data.synthetic import SyntheticConfig
 
 LOGPROB_ATOL = 1e-4
@@ -72,7 +77,7 @@ def test_greedy_continuous_batching_reproduces_static_batching(policy, spare, sh
     assert counts["prefix_tokens"] == reused and (reused > 0) == shared_prefixes
     assert 1 <= counts["prefill_calls"] <= 2 * len(prompts) < counts["forward_calls"]
     assert counts["takeovers"] > 0
-    empty = {"forward_calls": 0, "prefill_calls": 0, "prefill_tokens": 0, "prefix_tokens": 0, "takeovers": 0}
+    empty = dict.fromkeys(WORK_COUNTS, 0)
     assert policy.backend.generate_continuous([], next_prompt, prefixes=prefixes) == empty
     for slot, prompt in enumerate(prompts):
         for turn, p in enumerate((prompt, follow_ups[slot])):

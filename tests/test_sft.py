@@ -17,7 +17,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
 from agents.policy import SharedPolicy  # noqa: E402
-from agents.sft import (  # noqa: E402
+from agents.commands.sft import (  # noqa: E402
     IGNORE_INDEX,
     REPORT_NAME,
     Example,
@@ -30,7 +30,7 @@ from agents.sft import (  # noqa: E402
     teacher_examples,
     warm_start,
 )
-from agents.train import PRESETS, _task_seeds, make_env_fn  # noqa: E402
+from agents.presets import PRESETS, task_seeds, make_env_fn  # noqa: E402
 from memenv.actions import parse_facts, parse_operations  # noqa: E402
 
 BEFORE_MAX = 0.2
@@ -45,7 +45,7 @@ CI_PRESET = replace(PRESETS["smoke"], sft_steps=80, sft_batch=16, sft_lr=2e-3)
 def warm(tmp_path_factory):
     """One CI-sized warm start shared by the tests of this module: (out_dir, report)."""
     out = tmp_path_factory.mktemp("sft") / "warm_start"
-    seeds = _task_seeds(0, CI_PRESET)
+    seeds = task_seeds(0, CI_PRESET)
     report = warm_start(
         out, CI_PRESET, seed=0, task_seeds=seeds["sft"], eval_seeds=seeds["val"], progress=False, probes_per_role=24
     )
@@ -57,7 +57,7 @@ def warm(tmp_path_factory):
 
 def test_teacher_examples_are_deterministic_and_parse():
     preset = PRESETS["smoke"]
-    seeds = _task_seeds(0, preset)["sft"][:2]
+    seeds = task_seeds(0, preset)["sft"][:2]
     first = teacher_examples(preset, seeds, horizon=4, noise=0.3, seed=0)
     again = teacher_examples(preset, seeds, horizon=4, noise=0.3, seed=0)
     assert first == again
@@ -76,7 +76,7 @@ def test_teacher_actions_name_the_source_dia_id_first():
     """The warm start clones the key order too: the dia_id comes before the speaker and the text
     it determines, so that the model can read them off the prompt line the dia_id names."""
     preset = PRESETS["smoke"]
-    examples = teacher_examples(preset, _task_seeds(0, preset)["sft"][:2], horizon=4, noise=0.3, seed=0)
+    examples = teacher_examples(preset, task_seeds(0, preset)["sft"][:2], horizon=4, noise=0.3, seed=0)
     items = [item for e in examples for item in next(iter(json.loads(e.action).values()))]
     sourced = [list(item) for item in items if "dia_id" in item]
     assert len(sourced) > 10
@@ -89,7 +89,7 @@ def test_teacher_actions_name_the_source_dia_id_first():
 
 def test_teacher_examples_follow_the_env_observations():
     preset = PRESETS["smoke"]
-    seeds = _task_seeds(0, preset)["sft"][:1]
+    seeds = task_seeds(0, preset)["sft"][:1]
     examples = teacher_examples(preset, seeds, horizon=3, noise=0.3, seed=0)
     env = make_env_fn(preset, 3, seeds)()
     obs, _ = env.reset(options={"task": 0})
@@ -151,7 +151,7 @@ def test_loss_on_a_real_batch_is_the_mean_negative_logprob_of_the_replies(warm):
     out, _ = warm
     policy = SharedPolicy.from_pretrained(out)
     preset = CI_PRESET
-    examples = teacher_examples(preset, _task_seeds(0, preset)["val"], horizon=3, noise=0.3, seed=0)[:6]
+    examples = teacher_examples(preset, task_seeds(0, preset)["val"], horizon=3, noise=0.3, seed=0)[:6]
     rows = [policy.training_example(e.role, e.text, e.action) for e in examples]
     input_ids, attention_mask, labels = collate(rows, policy.pad_id)
     with torch.no_grad():
@@ -197,17 +197,17 @@ def test_saved_directory_loads_with_plain_auto_classes(warm, monkeypatch):
     assert saved["valid_json_after"] == report["valid_json_after"]
     # The reloaded model acts like the trained one: a valid extractor action on a held-out slice.
     policy = SharedPolicy(model, tokenizer, prompt_style=CI_PRESET.prompt_style)
-    example = next(e for e in teacher_examples(CI_PRESET, _task_seeds(0, CI_PRESET)["val"], horizon=2, noise=0.3, seed=0) if e.role == 0)
+    example = next(e for e in teacher_examples(CI_PRESET, task_seeds(0, CI_PRESET)["val"], horizon=2, noise=0.3, seed=0) if e.role == 0)
     gen = policy.generate([{"role": 0, "text": example.text}], temperature=0.0, max_new_tokens=CI_PRESET.max_new_tokens)[0]
     assert gen.finish_reason == "stop"
 
 
 def test_teacher_score_matches_final_mode_scoring():
     from agents.baselines import OracleAgent
-    from agents.evaluate import play_episode
+    from agents.commands.evaluate import play_episode
 
     preset = PRESETS["smoke"]
-    seeds = _task_seeds(0, preset)["val"]
+    seeds = task_seeds(0, preset)["val"]
     env_fn = make_env_fn(preset, 3, seeds)
     score = agent_final_score(OracleAgent(), env_fn, range(len(seeds)))
     # make_env_fn's env already scores every final-mode question at the end of the episode.
@@ -262,7 +262,7 @@ def test_sft_with_zero_steps_measures_the_checkpoint_as_it_is(foreign_checkpoint
     start really starts from the given checkpoint), and the report holds its scores; without
     ``--lr`` a checkpoint gets the fine-tuning default, not the tiny model's 2e-3."""
     from agents.cli import main
-    from agents.sft import PRETRAINED_LR
+    from agents.commands.sft import PRETRAINED_LR
 
     out = tmp_path / "as_is"
     assert main(["sft", "--preset", "smoke", "--model", str(foreign_checkpoint), "--out", str(out), "--steps", "0", "--no-progress"]) == 0
@@ -279,15 +279,15 @@ def test_sft_tasks_sets_how_many_conversations_the_teacher_plays(foreign_checkpo
     """``--tasks N`` builds the training data from the first N warm-start task seeds of the run
     seed (the default's seeds are the first ``sft_tasks`` of them)."""
     from agents.cli import main
-    from agents.sft import sft_horizon, teacher_examples
-    from agents.train import PRESETS, _task_seeds
+    from agents.commands.sft import sft_horizon, teacher_examples
+    from agents.presets import PRESETS, task_seeds
 
     out = tmp_path / "more_tasks"
     args = ["sft", "--preset", "smoke", "--model", str(foreign_checkpoint), "--out", str(out), "--steps", "0"]
     assert main(args + ["--tasks", "6", "--no-progress"]) == 0
     report = json.loads((out / REPORT_NAME).read_text())
     preset = PRESETS["smoke"]
-    seeds = _task_seeds(0, preset)["sft"]
+    seeds = task_seeds(0, preset)["sft"]
     assert preset.sft_tasks < 6 and seeds == [seeds[0] + i for i in range(preset.sft_tasks)]
     expected = teacher_examples(preset, [seeds[0] + i for i in range(6)], horizon=sft_horizon(preset), noise=preset.teacher_noise, seed=0)
     assert report["data"]["train_tasks"] == 6

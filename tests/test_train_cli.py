@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from agents.curriculum import Stage, parse_stages
+from agents.rl.curriculum import Stage, parse_stages
 
 
 def _train(out: Path, *extra: str) -> subprocess.Popen:

@@ -17,12 +17,12 @@ import numpy as np
 import pytest
 import torch
 
-from agents.grpo import GRPO, GRPOConfig, final_session_rewards
-from agents.logo_grpo import LoGoConfig, LoGoGRPO
+from agents.rl.grpo import GRPO, GRPOConfig, final_session_rewards
+from agents.rl.logo_grpo import LoGoConfig, LoGoGRPO
 from agents.policy import Generation, SharedPolicy
-from agents.rollout import RolloutEngine, Start
-from agents.tiny import build_tiny_model
-from agents.update import UpdateConfig, policy_update
+from agents.generation.rollout import RolloutEngine, Start
+from agents.policy.tiny import build_tiny_model
+from agents.rl.update import UpdateConfig, policy_update
 from memenv.env import MemSessionEnv
 from memenv.types import Conversation, QAItem, Session, Turn
 
@@ -113,8 +113,8 @@ def test_one_iteration_changes_the_weights_and_keeps_numbers_finite(policy, algo
 
 def test_a_bfloat16_policy_trains_on_float32_master_weights(tmp_path):
     """On an accelerator checkpoints load in bfloat16; the trainer must not round its updates
-    away (agents.optim). Same code path on the CPU with an explicit dtype."""
-    from agents.optim import MasterWeightAdamW
+    away (agents.rl.optim). Same code path on the CPU with an explicit dtype."""
+    from agents.rl.optim import MasterWeightAdamW
 
     corpus = ['{"facts": [{"speaker": "Ann", "dia_id": "D1:1", "fact": "Ann likes item a lot."}]}'] * 50
     half = SharedPolicy.from_pretrained(build_tiny_model(tmp_path, corpus, seed=0, hidden_size=64, num_layers=2), dtype=torch.bfloat16)

@@ -13,7 +13,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from agents.rollout import RolloutEngine, Start
+from agents.generation.rollout import RolloutEngine, Start
 
 __all__ = ["Stage", "default_stages", "parse_stages", "validate"]
 
@@ -54,7 +54,7 @@ def validate(
 ) -> dict[str, float]:
     """Greedy rollouts of ``policy`` on held-out ``tasks``; the final memory answers every
     question valid at the end of the horizon (``final`` mode). ``max_batch`` caps the rows
-    decoded at once (see :class:`agents.rollout.RolloutEngine`).
+    decoded at once (see :class:`agents.generation.rollout.RolloutEngine`).
 
     Returns mean ``f1``, ``bleu1``, ``penalty``, ``reward`` (f1 - penalty), ``memory_size``,
     ``m_fail``, the share of actions that failed to parse, and generated tokens.

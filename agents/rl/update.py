@@ -1,6 +1,6 @@
 """One policy update from a batch of generated turns (shared by GRPO and LoGo-GRPO).
 
-Each :class:`~agents.rollout.TurnRecord` with an advantage is one row of the loss. For every
+Each :class:`~agents.generation.rollout.TurnRecord` with an advantage is one row of the loss. For every
 epoch the rows are shuffled (seeded), split into micro-batches that fit in memory, and their
 gradients accumulated into one optimizer step, so ``epochs`` = optimizer steps per batch (the
 paper's "2 epochs per batch"). Rows with zero advantage carry no policy gradient; they are
@@ -76,7 +76,7 @@ def policy_update(policy, optimizer, rows, cfg: UpdateConfig, *, ref_policy=None
     """
     import torch
 
-    from agents.loss import token_level_loss, turn_level_loss
+    from agents.rl.loss import token_level_loss, turn_level_loss
 
     loss_fn = turn_level_loss if cfg.loss == "turn" else token_level_loss
     rows = [r for r in rows if r.advantage != 0.0 and len(r.completion_ids) > 0]

@@ -18,9 +18,9 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from agents.advantages import assert_roles_not_mixed, group_advantages, make_group_id
-from agents.rollout import EpisodeRecord, RolloutEngine, Start, TurnRecord
-from agents.update import UpdateConfig, policy_update
+from agents.rl.advantages import assert_roles_not_mixed, group_advantages, make_group_id
+from agents.generation.rollout import EpisodeRecord, RolloutEngine, Start, TurnRecord
+from agents.rl.update import UpdateConfig, policy_update
 
 __all__ = ["GRPOConfig", "GRPO", "final_session_rewards", "assign_advantages"]
 
@@ -95,7 +95,7 @@ class GRPO:
 
     Args:
         policy: the :class:`agents.policy.SharedPolicy` to train.
-        engine: a :class:`agents.rollout.RolloutEngine` over the training environments.
+        engine: a :class:`agents.generation.rollout.RolloutEngine` over the training environments.
         scorer: an unwrapped env with the same settings, used to score final memories.
         config: :class:`GRPOConfig`.
         ref_policy: frozen KL reference (``None``: no KL term).
@@ -104,7 +104,7 @@ class GRPO:
     name = "grpo"
 
     def __init__(self, policy, engine: RolloutEngine, scorer, config: GRPOConfig, ref_policy=None, seed: int = 0):
-        from agents.optim import adamw
+        from agents.rl.optim import adamw
 
         self.policy = policy
         self.engine = engine

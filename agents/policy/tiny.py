@@ -299,7 +299,7 @@ def default_tokenizer_corpus(n_conversations: int = 100, seed: int = 0) -> list[
 
 def _prompt_texts() -> Iterator[str]:
     """Every role prompt in every style."""
-    from agents.prompts import SYSTEM_PROMPTS
+    from agents.policy.prompts import SYSTEM_PROMPTS
 
     for prompts in SYSTEM_PROMPTS.values():
         yield from prompts

@@ -1,7 +1,7 @@
 """The shared-parameter policy: one causal LM plays the fact extractor and the memory manager.
 
 An observation from ``MemSession-v0`` is ``{"role": 0|1, "text": str}``. The policy wraps the
-text in the chat template, with the role's system prompt (:mod:`agents.prompts`) as the system
+text in the chat template, with the role's system prompt (:mod:`agents.policy.prompts`) as the system
 turn and the text as the user turn, and samples the assistant turn: the action string.
 
 Log-probabilities. ``Generation.logprobs`` and :meth:`SharedPolicy.logprobs_of` both report,
@@ -22,8 +22,9 @@ from pathlib import Path
 
 import torch
 
-from agents.backends import GenerationBackend, HFBackend, left_pad, stop_token_ids
-from agents.prompts import PROMPT_STYLES, ROLES, role_index, system_prompt
+from agents.generation.hf import HFBackend
+from agents.generation.interface import GenerationBackend, left_pad, stop_token_ids
+from agents.policy.prompts import PROMPT_STYLES, ROLES, role_index, system_prompt
 
 __all__ = ["Generation", "SharedPolicy"]
 
@@ -59,7 +60,12 @@ class SharedPolicy:
         tokenizer: its tokenizer; it must have a chat template.
         prompt_style: ``"compact"`` (one-line prompts, for the tiny model) or ``"full"``
             (paper-style instructions, for instruct LLMs).
-        backend: the sampler; default :class:`~agents.backends.HFBackend` on ``model``.
+        backend: the sampler; default :class:`~agents.generation.hf.HFBackend` on ``model``.
+
+    Attributes:
+        share_role_prefixes: whether :meth:`generate_continuous` prefills each role's prompt
+            prefix once and shares it (default ``True``; ``False`` prefills every prompt whole,
+            which ``benchmarks/rollout_perf.py`` uses to measure what sharing saves).
     """
 
     def __init__(
@@ -80,6 +86,7 @@ class SharedPolicy:
         self.stop_ids = stop_token_ids(model, tokenizer)
         pad = tokenizer.pad_token_id
         self.pad_id = int(pad) if pad is not None else self.stop_ids[0]
+        self.share_role_prefixes = True
 
     @classmethod
     def from_pretrained(
@@ -96,7 +103,7 @@ class SharedPolicy:
             device: where to put the model.
             dtype: weight dtype; ``None`` means float32 on CPU (fast and exact there) and the
                 checkpoint's own dtype (``"auto"``) on accelerators. The trainers keep float32
-                master weights for bfloat16 and float16 models (:mod:`agents.optim`).
+                master weights for bfloat16 and float16 models (:mod:`agents.rl.optim`).
             prompt_style: see :class:`SharedPolicy`.
 
         Raises:
@@ -228,7 +235,7 @@ class SharedPolicy:
         Same sampling settings and log-prob convention as :meth:`generate`; ``max_batch`` caps
         the rows decoded at once (default: one per slot; slots beyond it queue for a row).
         Each role's prompt prefix (:attr:`role_prefixes`) is prefilled once per call and
-        shared by every prompt of that role. Returns the backend's work counts
+        shared by every prompt of that role, unless :attr:`share_role_prefixes` is off. Returns the backend's work counts
         (``forward_calls``, ``prefill_calls``, ``prefill_tokens``, ``prefix_tokens``,
         ``takeovers``).
         """
@@ -244,7 +251,7 @@ class SharedPolicy:
         return self.backend.generate_continuous(
             [prompt for _, prompt in current], follow,
             temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed, max_batch=max_batch,
-            prefixes=self.role_prefixes,
+            prefixes=self.role_prefixes if self.share_role_prefixes else (),
         )
 
     @functools.cached_property

@@ -23,6 +23,8 @@ from typing import Any, Callable, Sequence
 
 import gymnasium as gym
 
+from agents.generation.continuous import WORK_COUNTS
+
 __all__ = ["TurnRecord", "EpisodeRecord", "Start", "RolloutEngine"]
 
 
@@ -146,10 +148,7 @@ class RolloutEngine:
         self._next_episode_id = 0
         self.continuous = continuous
         self.max_batch = max_batch
-        self.timing = {
-            "generate_s": 0.0, "env_s": 0.0, "calls": 0, "forward_calls": 0, "prefill_calls": 0, "prefill_tokens": 0,
-            "prefix_tokens": 0, "takeovers": 0, "generated_tokens": 0,
-        }
+        self.timing = {"generate_s": 0.0, "env_s": 0.0, "calls": 0, **dict.fromkeys(WORK_COUNTS, 0), "generated_tokens": 0}
 
     def _use_continuous(self) -> bool:
         supported = bool(getattr(self.policy, "supports_continuous", False))

@@ -25,7 +25,7 @@ columns on the right (:class:`_SlabLayer`), so a decode step writes one column i
 copying the whole cache as ``DynamicLayer`` does with ``torch.cat``; trimming moves a start
 offset. The buffer is reallocated only when rows join or leave or the spare columns run out.
 
-Sampling follows :mod:`agents.backends` exactly: ``log_softmax(logits / T)`` of the sampled
+Sampling follows :mod:`agents.generation.interface` exactly: ``log_softmax(logits / T)`` of the sampled
 token is reported (top-p truncation not included), greedy decoding for ``temperature == 0``
 with ``T = 1`` in the log-probs, completions end with their stop token. With a seed the run
 is deterministic: the same prompts and the same callback give the same completions.
@@ -43,9 +43,12 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
-from agents.backends import BackendOutput, left_pad
+from agents.generation.interface import BackendOutput, left_pad
 
-__all__ = ["continuous_generate", "supports_continuous", "sample_tokens"]
+__all__ = ["continuous_generate", "supports_continuous", "sample_tokens", "WORK_COUNTS"]
+
+WORK_COUNTS = ("forward_calls", "prefill_calls", "prefill_tokens", "prefix_tokens", "takeovers")
+"""The work counts :func:`continuous_generate` returns (see its docstring)."""
 
 
 def supports_continuous(model) -> bool:
@@ -389,7 +392,7 @@ def continuous_generate(
             whenever a completion ends; returns the slot's next prompt or ``None`` to retire it.
             Called in a deterministic order (by step, then by row).
         stop_ids, pad_id: stop tokens and the padding id.
-        temperature, top_p, max_new_tokens, seed: as in :meth:`agents.backends.HFBackend.generate`.
+        temperature, top_p, max_new_tokens, seed: as in :meth:`agents.generation.hf.HFBackend.generate`.
         max_batch: most rows decoded at once (default: the number of slots). With fewer rows
             than slots, prompts queue for a row in arrival order: every slot's first prompt,
             then each next prompt behind those already waiting. All slots advance together
@@ -421,7 +424,7 @@ def continuous_generate(
     queue = deque((slot, list(p)) for slot, p in enumerate(prompts))  # (slot, prompt), arrival order
     batch = _Batch(model.config)
     cache_kwarg = _cache_kwarg(model)
-    stats = {"forward_calls": 0, "prefill_calls": 0, "prefill_tokens": 0, "prefix_tokens": 0, "takeovers": 0}
+    stats = dict.fromkeys(WORK_COUNTS, 0)
     shared = _Prefixes(model, prefixes, cache_kwarg) if prefixes and queue else None
     ready = _Ready()  # prompts prefilled ahead of a free row, in arrival order
     dead: list[int] = []  # rows whose completion ended and that a ready prompt takes over next

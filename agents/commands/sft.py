@@ -101,20 +101,20 @@ def teacher_examples(preset, task_seeds: Sequence[int], *, horizon: int, noise: 
     """Play the noisy teacher on every synthetic task and record each decision.
 
     Each task ``i`` of ``task_seeds`` is played once from ``reset(options={"task": i})`` in the
-    env that :func:`agents.train.make_env_fn` builds for ``preset`` and ``horizon``. Every step
+    env that :func:`agents.presets.make_env_fn` builds for ``preset`` and ``horizon``. Every step
     yields one :class:`Example` with the observation's role and text and the action string the
     teacher sent. The teacher is a deterministic function of what it sees and of ``seed``, and
     the synthetic tasks are fixed by their seeds, so the same arguments give the same list.
 
     Args:
-        preset: a :class:`agents.train.TrainPreset` (slices, turns per session...).
+        preset: a :class:`agents.presets.TrainPreset` (slices, turns per session...).
         task_seeds: synthetic task seeds to play.
         horizon: sessions per episode.
         noise: the teacher's mistake rate (usually ``preset.teacher_noise``).
         seed: the teacher's seed (which mistakes it makes).
     """
     from agents.baselines import NoisyTeacher
-    from agents.train import make_env_fn
+    from agents.presets import make_env_fn
 
     teacher = NoisyTeacher(noise=noise, seed=seed)
     env = make_env_fn(preset, horizon, list(task_seeds))()
@@ -245,7 +245,7 @@ def behaviour_clone(
     Each example becomes ``policy.training_example(role, text, action)``: the prompt exactly as
     the policy renders it for generation, followed by the action and the stop token; only the
     latter are learned (:func:`masked_lm_loss`). Batches are drawn by :func:`_batch_order` from
-    ``seed``, right-padded, and trained with AdamW (:func:`agents.optim.adamw`: float32 master
+    ``seed``, right-padded, and trained with AdamW (:func:`agents.rl.optim.adamw`: float32 master
     weights for a half-precision model), a linear warmup (default: 5% of the steps, at most 50)
     followed by a cosine decay to a tenth of ``lr``, and gradient clipping.
     ``callback(step, history)``, if given, runs after every optimizer step (``step`` counts from
@@ -257,7 +257,7 @@ def behaviour_clone(
     """
     import torch
 
-    from agents.optim import adamw
+    from agents.rl.optim import adamw
 
     if steps < 0:
         raise ValueError(f"steps must be >= 0, got {steps}")
@@ -338,7 +338,7 @@ def valid_json_rate(
     Also reported: ``exact`` (the JSON equals the teacher's) and ``truncated`` (the action hit
     ``max_new_tokens`` before its stop token), each per role.
     """
-    from agents.prompts import ROLES
+    from agents.policy.prompts import ROLES
 
     valid: dict[int, list[bool]] = {0: [], 1: []}
     exact: dict[int, list[bool]] = {0: [], 1: []}
@@ -367,14 +367,14 @@ def valid_json_rate(
 
 
 def agent_final_score(agent, env_fn: Callable, tasks: Sequence[int]) -> dict[str, float]:
-    """Score a scripted agent exactly as :func:`agents.curriculum.validate` scores a policy.
+    """Score a scripted agent exactly as :func:`agents.rl.curriculum.validate` scores a policy.
 
     One episode per task from ``reset(options={"task": t})``; then the final memory answers
     every question valid at the end of the horizon (``questions_for(mode="final",
     max_questions=None)``). ``f1`` is the mean over tasks of each episode's mean F1; also
     ``penalty``, ``reward`` and ``memory_size``, averaged the same way.
     """
-    from agents.evaluate import play_episode
+    from agents.commands.evaluate import play_episode
 
     env = env_fn()
     f1, penalty, size = [], [], []
@@ -399,7 +399,7 @@ def agent_final_score(agent, env_fn: Callable, tasks: Sequence[int]) -> dict[str
 def _length_stats(policy, examples: Sequence[Example], max_new_tokens: int) -> dict[str, Any]:
     """Token lengths (prompt + reply, and the reply with its stop token) per role, and the share
     of teacher actions that ``max_new_tokens`` would cut."""
-    from agents.prompts import ROLES
+    from agents.policy.prompts import ROLES
 
     stats: dict[str, Any] = {}
     for role in (0, 1):
@@ -456,14 +456,14 @@ def warm_start(
     actions on the probes is measured before and after :func:`behaviour_clone` with
     ``preset.sft_steps``, ``preset.sft_batch`` and ``preset.sft_lr`` (or the overrides); (4) the
     warmed policy is validated on ``eval_seeds`` at the first stage's horizon
-    (:func:`agents.curriculum.validate`, final-mode F1) next to the teacher, the oracle and an
+    (:func:`agents.rl.curriculum.validate`, final-mode F1) next to the teacher, the oracle and an
     agent with no memory, all scored the same way;
     (5) model, tokenizer and ``sft_report.json`` are written atomically to ``out_dir``, which
     loads offline with plain ``AutoModelForCausalLM`` / ``AutoTokenizer.from_pretrained``.
 
     Args:
         out_dir: the output directory (replaced atomically if it exists).
-        preset: a :class:`agents.train.TrainPreset`.
+        preset: a :class:`agents.presets.TrainPreset`.
         seed: model initialisation, teacher mistakes and batch order.
         task_seeds: synthetic tasks for the training data.
         eval_seeds: held-out synthetic tasks for the probes and the env score.
@@ -489,11 +489,11 @@ def warm_start(
     import torch
 
     from agents.baselines import NoMemoryAgent, NoisyTeacher, OracleAgent
-    from agents.checkpoint import atomic_write_dir
-    from agents.curriculum import validate
+    from agents.commands.checkpoint import atomic_write_dir
+    from agents.rl.curriculum import validate
     from agents.policy import SharedPolicy
-    from agents.tiny import build_tiny_model
-    from agents.train import make_env_fn
+    from agents.policy.tiny import build_tiny_model
+    from agents.presets import make_env_fn
 
     started = time.perf_counter()
     steps = preset.sft_steps if steps is None else int(steps)
@@ -600,7 +600,7 @@ def warm_start(
 
 def _sft_presets() -> list[str]:
     """Presets that warm-start the tiny model (``sft_steps > 0``)."""
-    from agents.train import PRESETS
+    from agents.presets import PRESETS
 
     return sorted(name for name, preset in PRESETS.items() if preset.sft_steps > 0)
 
@@ -619,7 +619,7 @@ conversations."""
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Options of ``memr2 sft``."""
-    from agents.train import PRESETS
+    from agents.presets import PRESETS
 
     p.add_argument(
         "--preset", choices=sorted(PRESETS), default="tiny",
@@ -682,7 +682,7 @@ def format_report(report: dict[str, Any]) -> str:
 
 def run(args: argparse.Namespace) -> int:
     """``memr2 sft``: warm-start the tiny model (or ``--model PATH``) for a preset and print the report."""
-    from agents.train import PRESETS, _task_seeds
+    from agents.presets import PRESETS, task_seeds
 
     preset = PRESETS[args.preset]
     if args.model is None and preset.sft_steps <= 0:
@@ -705,7 +705,7 @@ def run(args: argparse.Namespace) -> int:
     lr = args.lr
     if lr is None and args.model is not None:
         lr = PRETRAINED_LR  # the presets' sft_lr is for the tiny model trained from scratch
-    seeds = _task_seeds(args.seed, preset)
+    seeds = task_seeds(args.seed, preset)
     try:
         report = warm_start(
             args.out,

@@ -1,0 +1,139 @@
+"""Run presets: every knob of a warm start and a training run, in one frozen dataclass.
+
+``memr2 sft`` and ``memr2 train`` both read :data:`PRESETS`; so do the benchmarks. A preset is a
+short list of overrides of :class:`TrainPreset`'s defaults (the paper's settings). The task seeds
+and the environment factory live here too, because both commands must draw the same
+train / validation / test / warm-start conversations for a run seed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from agents.rl.curriculum import Stage
+
+__all__ = ["TrainPreset", "PRESETS", "task_seeds", "make_env_fn"]
+
+
+@dataclass(frozen=True)
+class TrainPreset:
+    """Every knob of a training run. Presets are short lists of overrides of these defaults."""
+
+    stages: tuple[Stage, ...] = (Stage(8, 10), Stage(16, 5), Stage(32, 5))
+    """Curriculum: (horizon, update steps) per stage."""
+    n_rollouts: int = 16
+    """Global group size: whole-horizon rollouts per conversation."""
+    tasks_per_step: int = 1
+    """Training conversations per update step."""
+    p_local: float = 0.5
+    """LoGo: probability that a session gets a local group."""
+    m_reruns: int = 4
+    """LoGo: reruns per local group."""
+    max_questions: int = 64
+    """Questions scored on each final memory (global reward)."""
+    local_max_questions: int = 16
+    """Questions scored after a rerun session (local reward)."""
+    lr: float = 2e-6
+    """AdamW learning rate."""
+    epochs: int = 2
+    """Optimizer steps per batch."""
+    micro_batch: int = 16
+    """Rows per forward/backward pass."""
+    kl_coef: float = 0.001
+    """k3 KL to the stage's reference policy."""
+    entropy_coef: float = 0.001
+    """Entropy bonus."""
+    temperature: float = 1.0
+    """Rollout sampling temperature."""
+    max_new_tokens: int = 256
+    """Most tokens per action."""
+    rollout_batch: int | None = None
+    """Most prompts the model runs at once in rollouts (None: every environment; see
+    :class:`agents.generation.rollout.RolloutEngine`'s ``max_batch``). Lower it when the KV cache of many
+    rollouts does not fit in memory."""
+    slices_per_session: int = 6
+    """Slices per session (paper: 6)."""
+    n_train: int = 64
+    """Synthetic training conversations."""
+    n_val: int = 8
+    """Held-out validation conversations."""
+    n_test: int = 16
+    """Held-out test conversations."""
+    val_every: int = 0
+    """Validate every this many steps inside a stage (0: only at the end of each stage)."""
+    turns_per_session: int | None = None
+    """Synthetic turns per session (None: the generator's default)."""
+    sft_steps: int = 0
+    """Warm-start steps of behaviour cloning for the tiny model."""
+    sft_batch: int = 32
+    """Warm-start batch size."""
+    sft_lr: float = 2e-3
+    """Warm-start learning rate."""
+    sft_tasks: int = 32
+    """Synthetic conversations the teacher plays for the warm-start data."""
+    sft_horizon: int | None = None
+    """Sessions per warm-start conversation (None: the curriculum's longest horizon, at least 8)."""
+    teacher_noise: float = 0.3
+    """Mistake rate of the noisy teacher."""
+    tiny_hidden: int = 192
+    """Hidden size of the tiny model."""
+    tiny_layers: int = 4
+    """Layers of the tiny model."""
+    tiny_heads: int = 8
+    """Attention heads of the tiny model (see :func:`agents.policy.tiny.tiny_config` for why 8)."""
+    prompt_style: str = "compact"
+    """Role prompts: compact (tiny model) or full (instruct LLMs)."""
+
+
+PRESETS: dict[str, TrainPreset] = {
+    # CI-sized: a couple of minutes end to end.
+    "smoke": TrainPreset(
+        stages=(Stage(2, 1), Stage(3, 1)), n_rollouts=2, m_reruns=2, max_questions=16, local_max_questions=8,
+        lr=1e-4, epochs=1, micro_batch=32, max_new_tokens=96, slices_per_session=2, n_train=4, n_val=1, n_test=2,
+        turns_per_session=6, sft_steps=60, sft_batch=16, sft_tasks=4, teacher_noise=0.3,
+    ),
+    "quick": TrainPreset(
+        stages=(Stage(4, 3), Stage(8, 2)), n_rollouts=4, m_reruns=3, max_questions=32, local_max_questions=8,
+        lr=5e-5, epochs=2, micro_batch=32, max_new_tokens=128, slices_per_session=3, n_train=16, n_val=2, n_test=4,
+        sft_steps=400, sft_batch=32, sft_tasks=16,
+    ),
+    # The default: the whole curriculum on this 2-core machine well within an hour.
+    "tiny": TrainPreset(
+        stages=(Stage(8, 3), Stage(16, 2), Stage(32, 1)), n_rollouts=4, m_reruns=4, max_questions=32,
+        local_max_questions=16, lr=5e-5, epochs=2, micro_batch=32, max_new_tokens=128, slices_per_session=3,
+        n_train=32, n_val=2, n_test=4, sft_steps=400, sft_batch=32, sft_tasks=384, sft_horizon=8,
+    ),
+    # The paper's settings, for a 7B instruct model on GPUs (use with --model PATH).
+    "paper": TrainPreset(prompt_style="full", sft_steps=0),
+}
+
+
+def task_seeds(seed: int, preset: TrainPreset) -> dict[str, list[int]]:
+    """Disjoint synthetic task seeds for train / validation / test, fixed by the run seed."""
+    base = 1_000_000 * (seed + 1)
+    return {
+        "train": [base + i for i in range(preset.n_train)],
+        "val": [base + 100_000 + i for i in range(preset.n_val)],
+        "test": [base + 200_000 + i for i in range(preset.n_test)],
+        "sft": [base + 300_000 + i for i in range(preset.sft_tasks)],
+    }
+
+
+def make_env_fn(preset: TrainPreset, horizon: int, task_seeds: list[int]):
+    """A factory of training/evaluation envs over the given synthetic tasks."""
+    import gymnasium as gym
+
+    import memenv  # noqa: F401  (registers MemSession-v0)
+    from memenv.data.synthetic import SyntheticConfig
+
+    cfg = SyntheticConfig()
+    if preset.turns_per_session:
+        cfg = replace(cfg, turns_per_session=preset.turns_per_session)
+
+    def env_fn():
+        return gym.make(
+            "MemSession-v0", horizon=horizon, task_seeds=task_seeds, synthetic_config=cfg,
+            reward_mode="final", slices_per_session=preset.slices_per_session,
+        )
+
+    return env_fn
