@@ -7,6 +7,8 @@ two modules together, it only hides the circle until run time.
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -128,3 +130,11 @@ def test_public_names_import_from_the_package_root():
         assert getattr(agents, name) is not None
     with pytest.raises(AttributeError, match="no attribute 'Nope'"):
         agents.Nope  # noqa: B018
+
+
+def test_the_command_line_builds_without_importing_torch():
+    """``memr2 eval`` with a scripted agent runs without torch: building the parser (which
+    imports every subcommand) must not import it."""
+    code = "import sys, agents.cli; agents.cli.build_parser(); print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

@@ -7,13 +7,9 @@ import pytest
 import torch
 
 import memenv  # noqa: F401  (registers MemSession-v0)
-from agents.generation.continuous import (
-    WORK_COUNTS,
-    _SlabLayer,
-    sample_tokens,
-    supports_continuous,
-)
+from agents.generation.continuous import _SlabLayer, sample_tokens, supports_continuous
 from agents.generation.hf import HFBackend
+from agents.generation.interface import WORK_COUNTS
 from agents.generation.rollout import RolloutEngine, Start
 from agents.policy import SharedPolicy
 from agents.policy.tiny import build_tiny_model

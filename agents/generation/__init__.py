@@ -11,17 +11,30 @@ This layer knows models, tokens and environments, not roles: :mod:`agents.policy
 prompts on top of a backend, and the rollout engine drives any object with the policy's methods.
 """
 
-from agents.generation.continuous import continuous_generate
-from agents.generation.hf import HFBackend
-from agents.generation.interface import (
-    BackendOutput,
-    GenerationBackend,
-    left_pad,
-    stop_token_ids,
-)
-from agents.generation.rollout import EpisodeRecord, RolloutEngine, Start, TurnRecord
+from __future__ import annotations
 
-__all__ = [
-    "GenerationBackend", "BackendOutput", "HFBackend", "continuous_generate", "left_pad", "stop_token_ids",
-    "RolloutEngine", "Start", "EpisodeRecord", "TurnRecord",
-]
+import importlib
+
+_EXPORTS = {
+    "continuous_generate": "agents.generation.continuous",
+    "HFBackend": "agents.generation.hf",
+    "GenerationBackend": "agents.generation.interface",
+    "BackendOutput": "agents.generation.interface",
+    "WORK_COUNTS": "agents.generation.interface",
+    "left_pad": "agents.generation.interface",
+    "stop_token_ids": "agents.generation.interface",
+    "EpisodeRecord": "agents.generation.rollout",
+    "RolloutEngine": "agents.generation.rollout",
+    "Start": "agents.generation.rollout",
+    "TurnRecord": "agents.generation.rollout",
+}
+
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str):
+    # Loaded on first use, so that importing one light submodule (the rollout records, the
+    # curriculum stages) does not import torch: `memr2 eval` with a scripted agent needs none.
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name]), name)

@@ -43,12 +43,9 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
-from agents.generation.interface import BackendOutput, left_pad
+from agents.generation.interface import WORK_COUNTS, BackendOutput, left_pad
 
-__all__ = ["continuous_generate", "supports_continuous", "sample_tokens", "WORK_COUNTS"]
-
-WORK_COUNTS = ("forward_calls", "prefill_calls", "prefill_tokens", "prefix_tokens", "takeovers")
-"""The work counts :func:`continuous_generate` returns (see its docstring)."""
+__all__ = ["continuous_generate", "supports_continuous", "sample_tokens"]
 
 
 def supports_continuous(model) -> bool:

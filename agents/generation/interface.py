@@ -20,11 +20,17 @@ so the policy is also trained on when to stop.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
-__all__ = ["GenerationBackend", "BackendOutput", "stop_token_ids", "left_pad"]
+__all__ = ["GenerationBackend", "BackendOutput", "WORK_COUNTS", "stop_token_ids", "left_pad"]
+
+WORK_COUNTS = ("forward_calls", "prefill_calls", "prefill_tokens", "prefix_tokens", "takeovers")
+"""The work counts a continuous-batching backend returns: model forwards, of which prompt
+prefills, the prompt tokens they ran, those taken from shared prefixes instead, and prompts
+that took over a finished row in place (:func:`agents.generation.continuous.continuous_generate`)."""
 
 BackendOutput = tuple[list[int], list[float], str]
 """One completion: ``(completion_ids, logprobs, finish_reason)``; finish_reason is
@@ -82,6 +88,8 @@ def left_pad(
     sequences: Sequence[Sequence[int]], pad_id: int, device: torch.device | str = "cpu"
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Left-pad token id lists into ``(input_ids, attention_mask)`` long tensors."""
+    import torch  # here, so that the interface itself imports without torch
+
     width = max(len(s) for s in sequences)
     input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)

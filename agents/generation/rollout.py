@@ -23,7 +23,7 @@ from typing import Any, Callable, Sequence
 
 import gymnasium as gym
 
-from agents.generation.continuous import WORK_COUNTS
+from agents.generation.interface import WORK_COUNTS
 
 __all__ = ["TurnRecord", "EpisodeRecord", "Start", "RolloutEngine"]
 

@@ -11,13 +11,30 @@ Read in data-flow order:
 - :mod:`~agents.rl.curriculum`: horizon stages and greedy validation.
 """
 
-from agents.rl.advantages import group_advantages, make_group_id
-from agents.rl.curriculum import Stage, parse_stages, validate
-from agents.rl.grpo import GRPO, GRPOConfig
-from agents.rl.logo_grpo import LoGoConfig, LoGoGRPO
-from agents.rl.update import UpdateConfig, policy_update
+from __future__ import annotations
 
-__all__ = [
-    "group_advantages", "make_group_id", "UpdateConfig", "policy_update",
-    "GRPO", "GRPOConfig", "LoGoGRPO", "LoGoConfig", "Stage", "parse_stages", "validate",
-]
+import importlib
+
+_EXPORTS = {
+    "group_advantages": "agents.rl.advantages",
+    "make_group_id": "agents.rl.advantages",
+    "Stage": "agents.rl.curriculum",
+    "parse_stages": "agents.rl.curriculum",
+    "validate": "agents.rl.curriculum",
+    "GRPO": "agents.rl.grpo",
+    "GRPOConfig": "agents.rl.grpo",
+    "LoGoConfig": "agents.rl.logo_grpo",
+    "LoGoGRPO": "agents.rl.logo_grpo",
+    "UpdateConfig": "agents.rl.update",
+    "policy_update": "agents.rl.update",
+}
+
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str):
+    # Loaded on first use, so that importing one light submodule (the rollout records, the
+    # curriculum stages) does not import torch: `memr2 eval` with a scripted agent needs none.
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name]), name)

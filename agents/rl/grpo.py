@@ -18,8 +18,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from agents.rl.advantages import assert_roles_not_mixed, group_advantages, make_group_id
 from agents.generation.rollout import EpisodeRecord, RolloutEngine, Start, TurnRecord
+from agents.rl.advantages import assert_roles_not_mixed, group_advantages, make_group_id
 from agents.rl.update import UpdateConfig, policy_update
 
 __all__ = ["GRPOConfig", "GRPO", "final_session_rewards", "assign_advantages"]

@@ -33,9 +33,9 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from agents.generation.rollout import EpisodeRecord, Start, TurnRecord
 from agents.rl.advantages import make_group_id
 from agents.rl.grpo import GRPO, GRPOConfig, assign_advantages
-from agents.generation.rollout import EpisodeRecord, Start, TurnRecord
 
 __all__ = ["LoGoConfig", "LoGoGRPO", "Rerollout"]
 
