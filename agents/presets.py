@@ -61,7 +61,7 @@ class TrainPreset:
     """Held-out test conversations."""
     val_every: int = 0
     """Validate every this many steps inside a stage (0: only at the end of each stage)."""
-    turns_per_session: int | None = None
+    turns_per_session: int | tuple[int, int] | None = None
     """Synthetic turns per session (None: the generator's default)."""
     sft_steps: int = 0
     """Warm-start steps of behaviour cloning for the tiny model."""
@@ -73,6 +73,10 @@ class TrainPreset:
     """Synthetic conversations the teacher plays for the warm-start data."""
     sft_horizon: int | None = None
     """Sessions per warm-start conversation (None: the curriculum's longest horizon, at least 8)."""
+    sft_probes: int = 64
+    """Held-out observations per role on which the warm start measures its valid-JSON rate
+    (greedy, before and after); a pretrained model writes long non-JSON replies before, so
+    each probe can cost ``max_new_tokens`` tokens."""
     teacher_noise: float = 0.3
     """Mistake rate of the noisy teacher."""
     tiny_hidden: int = 192
@@ -83,6 +87,12 @@ class TrainPreset:
     """Attention heads of the tiny model (see :func:`agents.policy.tiny.tiny_config` for why 8)."""
     prompt_style: str = "compact"
     """Role prompts: compact (tiny model) or full (instruct LLMs)."""
+    model: str | None = None
+    """A known pretrained model (``memr2 models list``) to start from, imported on first use;
+    ``None``: build and warm-start the embedded tiny model. ``--model PATH`` overrides it."""
+    dtype: str | None = None
+    """Weight dtype: ``auto``, ``float32``, ``bfloat16`` (see :mod:`agents.policy.precision`);
+    ``None``: float32 on CPU, the checkpoint's own dtype on accelerators. ``--dtype`` overrides."""
 
 
 PRESETS: dict[str, TrainPreset] = {
@@ -105,6 +115,14 @@ PRESETS: dict[str, TrainPreset] = {
     ),
     # The paper's settings, for a 7B instruct model on GPUs (use with --model PATH).
     "paper": TrainPreset(prompt_style="full", sft_steps=0),
+    # The learning default: SmolLM2-135M-Instruct, sized for a 2-core CPU (docs/results.md).
+    "small": TrainPreset(
+        model="smollm2-135m-instruct", dtype="auto",
+        stages=(Stage(2, 6), Stage(4, 4)), n_rollouts=4, m_reruns=3, p_local=0.5, max_questions=32, local_max_questions=8,
+        lr=2e-5, epochs=1, micro_batch=8, kl_coef=0.01, temperature=0.7, max_new_tokens=160, slices_per_session=2,
+        n_train=64, n_val=8, n_test=16, turns_per_session=(6, 8),
+        sft_steps=80, sft_batch=8, sft_lr=5e-5, sft_tasks=64, sft_horizon=4, sft_probes=16,
+    ),
 }
 
 

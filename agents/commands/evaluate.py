@@ -44,6 +44,8 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from agents.policy.precision import add_dtype_argument, describe_dtype
+
 __all__ = [
     "EpisodeSummary",
     "play_episode",
@@ -222,6 +224,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="device of a checkpoint policy or HF reader: auto (default), cpu, cuda, ...")
     parser.add_argument("--prompt-style", choices=("compact", "full"), default=None, help="checkpoint policy prompts (default: the checkpoint's trainer_state.json, else compact)")
     parser.add_argument("--max-new-tokens", type=int, default=256, help="checkpoint policy: most tokens per action")
+    add_dtype_argument(parser)
     parser.add_argument("--batch", type=int, default=8, help="episodes played in lockstep (a checkpoint policy generates for all of them at once)")
     parser.add_argument("--out", default=None, help="write results.json and results.md here (default: print only)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -428,7 +431,12 @@ def _load_policy_agent(path: str, args) -> PolicyAgent:
         state = json.loads(state_file.read_text(encoding="utf-8")) if state_file.is_file() else {}
         style = _find_key(state, "prompt_style") or "compact"
     device = _device(args.device)
-    policy = SharedPolicy.from_pretrained(directory, device=device, prompt_style=style)
+    dtype = getattr(args, "dtype", None)
+    try:
+        print(describe_dtype(dtype, device), file=sys.stderr)
+        policy = SharedPolicy.from_pretrained(directory, device=device, prompt_style=style, dtype=dtype)
+    except ValueError as err:
+        raise EvalError(f"--agent checkpoint:{path}: {err}") from err
     return PolicyAgent(policy, max_new_tokens=args.max_new_tokens, name=f"checkpoint:{path}")
 
 

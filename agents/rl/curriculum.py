@@ -9,7 +9,7 @@ starting policy and the frozen KL reference of the next stage. Optimizer state i
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -50,14 +50,16 @@ def parse_stages(text: str) -> tuple[Stage, ...]:
 
 def validate(
     policy, env_fn: Callable, tasks: Sequence[int], *, max_new_tokens: int, max_questions: int | None = None, seed: int = 0,
-    max_batch: int | None = None,
-) -> dict[str, float]:
+    max_batch: int | None = None, per_task: bool = False,
+) -> dict[str, Any]:
     """Greedy rollouts of ``policy`` on held-out ``tasks``; the final memory answers every
     question valid at the end of the horizon (``final`` mode). ``max_batch`` caps the rows
     decoded at once (see :class:`agents.generation.rollout.RolloutEngine`).
 
     Returns mean ``f1``, ``bleu1``, ``penalty``, ``reward`` (f1 - penalty), ``memory_size``,
-    ``m_fail``, the share of actions that failed to parse, and generated tokens.
+    ``m_fail``, the share of actions that failed to parse, and generated tokens; with
+    ``per_task``, also ``f1_per_task`` (one mean F1 per task, in order) for confidence intervals
+    over conversations.
     """
     engine = RolloutEngine(policy, env_fn, temperature=0.0, max_new_tokens=max_new_tokens, save_states=False, max_batch=max_batch)
     episodes = engine.run([Start(options={"task": int(t)}) for t in tasks], seed=seed)
@@ -75,7 +77,7 @@ def validate(
         evidence = [d for q in qa for d in q["evidence"]]
         if evidence:
             mfail.append(sum(d not in held for d in evidence) / len(evidence))
-    return {
+    result: dict[str, Any] = {
         "f1": float(np.mean(f1)),
         "bleu1": float(np.mean(bleu)),
         "penalty": float(np.mean(pen)),
@@ -85,3 +87,6 @@ def validate(
         "parse_error_rate": float(np.mean([t.parse_error is not None for t in turns])) if turns else 0.0,
         "generated_tokens": float(engine.timing["generated_tokens"]),
     }
+    if per_task:
+        result["f1_per_task"] = f1
+    return result

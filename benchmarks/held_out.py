@@ -1,0 +1,98 @@
+"""Held-out F1 of trained policies against the warm start and the scripted baselines, with 95%
+bootstrap confidence intervals over conversations.
+
+Every agent plays the same held-out synthetic conversations (the run seed's test tasks, which
+neither the warm start nor RL trained on) in the environment ``memr2 train`` builds for the
+preset (slices, turns per session, final-mode scoring), at ``--horizon`` sessions. Policies decode
+greedily. For each agent: mean F1 with a percentile-bootstrap 95% CI over conversations; for
+each checkpoint after the first: the paired difference to the first one (same conversations),
+with its own bootstrap CI, which is what "RL improved on the warm start" has to clear.
+
+    python benchmarks/held_out.py --preset small --episodes 16 --horizon 8 \\
+        --checkpoint warm=runs/small-logo-grpo-s0/warm_start --checkpoint rl=runs/small-logo-grpo-s0/final \\
+        --out runs/held-out-small
+
+Writes ``held_out.json`` and ``held_out.md`` under ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def bootstrap_ci(values, *, resamples: int = 10_000, seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap 95% CI of the mean of ``values``."""
+    values = np.asarray(values, dtype=float)
+    rng = np.random.default_rng(seed)
+    means = values[rng.integers(0, len(values), size=(resamples, len(values)))].mean(axis=1)
+    return float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
+
+
+def main() -> None:
+    from agents.baselines import NoisyTeacher, NoMemoryAgent, OracleAgent
+    from agents.commands.sft import agent_final_score
+    from agents.policy import SharedPolicy
+    from agents.presets import PRESETS, make_env_fn, task_seeds
+    from agents.rl.curriculum import validate
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--preset", default="small", choices=sorted(PRESETS))
+    parser.add_argument("--seed", type=int, default=0, help="run seed whose test conversations are played")
+    parser.add_argument("--episodes", type=int, default=16, help="held-out conversations (at most the preset's n_test)")
+    parser.add_argument("--horizon", type=int, default=8)
+    parser.add_argument("--checkpoint", action="append", default=[], metavar="NAME=DIR", help="a SharedPolicy directory (repeatable)")
+    parser.add_argument("--dtype", default=None, help="dtype of the checkpoints (default: the preset's)")
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+
+    preset = PRESETS[args.preset]
+    seeds = task_seeds(args.seed, preset)["test"]
+    if not 1 <= args.episodes <= len(seeds):
+        raise SystemExit(f"--episodes must be between 1 and {len(seeds)} (the preset's n_test)")
+    env_fn = make_env_fn(preset, args.horizon, seeds)
+    tasks = range(args.episodes)
+    rows: dict[str, dict] = {}
+    for name, agent in (("no memory", NoMemoryAgent()), (f"noisy teacher ({preset.teacher_noise:g})", NoisyTeacher(noise=preset.teacher_noise, seed=args.seed)), ("oracle", OracleAgent())):
+        rows[name] = agent_final_score(agent, env_fn, tasks, per_task=True)
+    for spec in args.checkpoint:
+        name, _, path = spec.partition("=")
+        policy = SharedPolicy.from_pretrained(path, prompt_style=preset.prompt_style, dtype=args.dtype or preset.dtype)
+        t = time.perf_counter()
+        rows[name] = validate(policy, env_fn, tasks, max_new_tokens=preset.max_new_tokens, per_task=True, max_batch=preset.rollout_batch)
+        rows[name]["wall_s"] = time.perf_counter() - t
+        print(f"{name}: F1 {rows[name]['f1']:.3f} ({rows[name]['wall_s']:.0f} s)", flush=True)
+
+    names = [spec.partition("=")[0] for spec in args.checkpoint]
+    lines = [
+        f"Preset `{args.preset}`, run seed {args.seed}: {args.episodes} held-out test conversations, horizon {args.horizon}, "
+        f"{preset.slices_per_session} slices per session, greedy decoding, final-mode F1 (extractive reader).",
+        "",
+        "| agent | F1 | 95% CI | memory entries | parse errors |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for name, row in rows.items():
+        lo, hi = bootstrap_ci(row["f1_per_task"])
+        row["ci95"] = [lo, hi]
+        parse = row.get("parse_error_rate")
+        lines.append(f"| {name} | {row['f1']:.3f} | [{lo:.3f}, {hi:.3f}] | {row['memory_size']:.1f} | {'-' if parse is None else f'{parse:.1%}'} |")
+    if len(names) > 1:
+        lines += ["", "| paired difference (same conversations) | mean | 95% CI |", "|---|---:|---:|"]
+        base = np.asarray(rows[names[0]]["f1_per_task"])
+        for name in names[1:]:
+            diff = np.asarray(rows[name]["f1_per_task"]) - base
+            lo, hi = bootstrap_ci(diff)
+            rows[name]["diff_to_" + names[0]] = {"mean": float(diff.mean()), "ci95": [lo, hi]}
+            lines.append(f"| {name} - {names[0]} | {diff.mean():+.3f} | [{lo:+.3f}, {hi:+.3f}] |")
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "held_out.json").write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "rows": rows}, indent=2))
+    (args.out / "held_out.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
