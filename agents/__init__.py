@@ -17,7 +17,7 @@ The names below are importable from ``agents`` directly. They load on first use,
 
 from __future__ import annotations
 
-import importlib
+from agents._lazy import lazy_exports
 
 _EXPORTS = {
     "SharedPolicy": "agents.policy.shared",
@@ -48,15 +48,4 @@ _EXPORTS = {
 
 __all__ = sorted(_EXPORTS)
 
-
-def __getattr__(name: str):
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'agents' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_EXPORTS))
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

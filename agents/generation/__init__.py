@@ -13,7 +13,7 @@ prompts on top of a backend, and the rollout engine drives any object with the p
 
 from __future__ import annotations
 
-import importlib
+from agents._lazy import lazy_exports
 
 _EXPORTS = {
     "continuous_generate": "agents.generation.continuous",
@@ -31,10 +31,4 @@ _EXPORTS = {
 
 __all__ = list(_EXPORTS)
 
-
-def __getattr__(name: str):
-    # Loaded on first use, so that importing one light submodule (the rollout records, the
-    # curriculum stages) does not import torch: `memr2 eval` with a scripted agent needs none.
-    if name not in _EXPORTS:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(_EXPORTS[name]), name)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -13,14 +13,10 @@ models, precision) import without torch.
 
 from __future__ import annotations
 
+from agents._lazy import lazy_exports
 from agents.policy.prompts import PROMPT_STYLES, ROLES, system_prompt
 
 __all__ = ["SharedPolicy", "Generation", "ROLES", "PROMPT_STYLES", "system_prompt"]
 
+__getattr__, __dir__ = lazy_exports(__name__, {"SharedPolicy": "agents.policy.shared", "Generation": "agents.policy.shared"})
 
-def __getattr__(name: str):
-    if name in ("SharedPolicy", "Generation"):
-        from agents.policy import shared
-
-        return getattr(shared, name)
-    raise AttributeError(f"module 'agents.policy' has no attribute {name!r}")
