@@ -53,6 +53,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n-rollouts", type=int, default=None, help="override the global group size")
     p.add_argument("--rollout-batch", type=int, default=None, help="most prompts decoded at once in rollouts (default: all)")
     p.add_argument("--device", default="cpu", help="torch device (cpu, cuda)")
+    p.add_argument(
+        "--workers", type=int, default=0,
+        help="run the rollouts on this many Ray actors (needs the ray extra; default 0: in this process); "
+        "results do not depend on the number",
+    )
+    p.add_argument("--ray-address", default=None, help="a running Ray cluster (host:port or auto; default: start a local one)")
+    p.add_argument("--worker-timeout", type=float, default=1800.0, help="seconds a worker may take for its share of one call before it is replaced")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
@@ -75,10 +82,22 @@ def run(args: argparse.Namespace) -> int:
         model_path = resolve_model(args.model) if args.model is not None else None
     except (ModelImportError, ValueError) as err:
         raise SystemExit(f"memr2 train: {err}") from err
+    if args.workers < 0:
+        raise SystemExit(f"memr2 train: --workers must be 0 (in process) or more, got {args.workers}")
+    if args.ray_address and not args.workers:
+        raise SystemExit("memr2 train: --ray-address needs --workers N")
+    if args.workers:  # before any work: Ray missing or a cluster that is down is a clear error now
+        from agents.generation.distributed import RayUnavailableError, connect_ray
+
+        try:
+            connect_ray(args.ray_address)
+        except RayUnavailableError as err:
+            raise SystemExit(f"memr2 train: {err}") from err
     out = args.out or Path("runs") / f"{args.preset}-{args.algo}-s{args.seed}"
     result = train(
         preset, out=out, algo=args.algo, model_path=model_path, resume=args.resume, seed=args.seed,
         device=args.device, progress=not args.no_progress, preset_name=args.preset,
+        workers=args.workers, worker_timeout=args.worker_timeout,
     )
     test = result["test"]
     print(f"test F1 {test['f1']:.3f}  (memory {test['memory_size']:.1f} entries, parse errors {test['parse_error_rate']:.1%})")
@@ -103,22 +122,18 @@ def train(
     device: str = "cpu",
     progress: bool = True,
     preset_name: str = "custom",
+    workers: int = 0,
+    worker_timeout: float = 1800.0,
 ) -> dict[str, Any]:
-    """Run the whole job and return the contents of ``results.json``."""
+    """Run the whole job and return the contents of ``results.json``.
+
+    ``workers > 0`` runs the training rollouts (global and local) on that many Ray actors
+    (:mod:`agents.generation.distributed`; Ray must be installed, and is started locally
+    unless already initialised); the rollouts and metrics are the same as in process.
+    """
     import torch
 
-    from agents.commands.checkpoint import (
-        checkpoint_path,
-        latest_checkpoint,
-        load_checkpoint,
-        save_checkpoint,
-    )
-    from agents.commands.logging import MetricsLogger, plot_curves
-    from agents.generation.rollout import RolloutEngine
-    from agents.rl.curriculum import validate
-    from agents.rl.grpo import GRPO, GRPOConfig
-    from agents.rl.logo_grpo import LoGoConfig, LoGoGRPO
-    from agents.rl.update import UpdateConfig
+    from agents.commands.checkpoint import latest_checkpoint, load_checkpoint
 
     out = Path(out)
     ckpt_dir = out / "checkpoints"
@@ -167,6 +182,32 @@ def train(
     if policy is None:
         policy = _load_policy(Path(state["stage_start"]), preset, device)
 
+    pool = None
+    if workers:
+        from agents.generation.distributed import WorkerPool
+
+        pool = WorkerPool(policy, workers, timeout_s=worker_timeout)
+    try:
+        return _curriculum(
+            preset, out=out, algo=algo, seed=seed, device=device, progress=progress, policy=policy, state=state,
+            optimizer_state=optimizer_state, seeds=seeds, settings=settings, pool=pool,
+        )
+    finally:
+        if pool is not None:
+            pool.close()
+
+
+def _curriculum(preset, *, out, algo, seed, device, progress, policy, state, optimizer_state, seeds, settings, pool):
+    """Steps 2 and 3 of :func:`train`: the curriculum and the test evaluation."""
+    from agents.commands.checkpoint import checkpoint_path, save_checkpoint
+    from agents.commands.logging import MetricsLogger, plot_curves
+    from agents.generation.rollout import RolloutEngine
+    from agents.rl.curriculum import validate
+    from agents.rl.grpo import GRPO, GRPOConfig
+    from agents.rl.logo_grpo import LoGoConfig, LoGoGRPO
+    from agents.rl.update import UpdateConfig
+
+    ckpt_dir = out / "checkpoints"
     logger = MetricsLogger(out)
     trainer_cls, cfg_cls = (LoGoGRPO, LoGoConfig) if algo == "logo-grpo" else (GRPO, GRPOConfig)
     update_cfg = UpdateConfig(
@@ -188,10 +229,8 @@ def train(
         ref = _load_policy(Path(state["stage_start"]), preset, device) if preset.kl_coef > 0 else None
         if ref is not None:
             ref.model.eval().requires_grad_(False)
-        engine = RolloutEngine(
-            policy, env_fn, temperature=preset.temperature, max_new_tokens=preset.max_new_tokens, progress=progress,
-            max_batch=preset.rollout_batch,
-        )
+        sampling = dict(temperature=preset.temperature, max_new_tokens=preset.max_new_tokens, max_batch=preset.rollout_batch)
+        engine = pool.engine(policy, env_fn, **sampling) if pool is not None else RolloutEngine(policy, env_fn, progress=progress, **sampling)
         trainer = trainer_cls(policy, engine, env_fn().unwrapped, cfg, ref_policy=ref, seed=seed * 1000 + stage_idx)
         trainer.generated_tokens = state["generated_tokens"]
         if optimizer_state is not None and state["step"] > 0:

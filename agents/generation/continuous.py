@@ -60,13 +60,18 @@ def supports_continuous(model) -> bool:
 
 
 def sample_tokens(
-    logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None
+    logits: torch.Tensor,
+    temperature: float,
+    top_p: float,
+    generator: torch.Generator | Sequence[torch.Generator] | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sample one token per row of raw ``logits`` (batch, vocab).
 
     Returns ``(tokens, logprobs)``: the sampled ids and ``log_softmax(logits / T)`` at them,
     where ``T = temperature`` (``1`` when greedy). Top-p keeps the smallest set of most likely
     tokens whose probability reaches ``top_p``, as Hugging Face's top-p warper does.
+    ``generator`` is one generator for the whole batch, or one per row: then each row draws
+    from its own stream, and what it samples does not depend on the other rows.
     """
     greedy = temperature == 0
     logprobs = torch.log_softmax(logits.float() / (1.0 if greedy else temperature), dim=-1)
@@ -79,7 +84,12 @@ def sample_tokens(
             before = sorted_probs.cumsum(-1) - sorted_probs  # mass strictly above each token
             sorted_probs = sorted_probs.masked_fill(before >= top_p, 0.0)
             probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
-        tokens = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+        if generator is None or isinstance(generator, torch.Generator):
+            tokens = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+        else:
+            if len(generator) != probs.shape[0]:
+                raise ValueError(f"{len(generator)} generators for {probs.shape[0]} rows")
+            tokens = torch.cat([torch.multinomial(row, 1, generator=g) for row, g in zip(probs, generator)])
     return tokens, logprobs.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
 
 
@@ -375,7 +385,7 @@ def continuous_generate(
     temperature: float = 1.0,
     top_p: float = 1.0,
     max_new_tokens: int = 256,
-    seed: int | None = None,
+    seed: int | Sequence[int] | None = None,
     max_batch: int | None = None,
     refill_fraction: float = 0.25,
     prefixes: Sequence[Sequence[int]] = (),
@@ -389,7 +399,13 @@ def continuous_generate(
             whenever a completion ends; returns the slot's next prompt or ``None`` to retire it.
             Called in a deterministic order (by step, then by row).
         stop_ids, pad_id: stop tokens and the padding id.
-        temperature, top_p, max_new_tokens, seed: as in :meth:`agents.generation.hf.HFBackend.generate`.
+        temperature, top_p, max_new_tokens: as in :meth:`agents.generation.hf.HFBackend.generate`.
+        seed: one seed for the whole run (the batch draws from one random stream, so a slot's
+            samples depend on which other slots share its steps), or one seed per slot (each
+            slot draws from its own stream across all its prompts, so its samples depend only
+            on its own prompts and seed, whatever else runs beside it and whatever
+            ``max_batch`` is, up to float rounding of the batched forward pass: this is what
+            lets rollouts be split over workers), or ``None`` (torch's global random state).
         max_batch: most rows decoded at once (default: the number of slots). With fewer rows
             than slots, prompts queue for a row in arrival order: every slot's first prompt,
             then each next prompt behind those already waiting. All slots advance together
@@ -412,7 +428,12 @@ def continuous_generate(
     """
     device = model.device
     generator = None
-    if seed is not None:
+    slot_generators: list[torch.Generator] | None = None
+    if isinstance(seed, Sequence):
+        if len(seed) != len(prompts):
+            raise ValueError(f"{len(seed)} seeds for {len(prompts)} slots: give one per slot")
+        slot_generators = [torch.Generator(device=device).manual_seed(int(s)) for s in seed]
+    elif seed is not None:
         generator = torch.Generator(device=device)
         generator.manual_seed(int(seed))
     stop = set(int(s) for s in stop_ids)
@@ -447,6 +468,8 @@ def continuous_generate(
             ready.extend([s for s, _ in taken], cache, mask, logits)
         if free > 0 and len(ready):
             batch.add(*ready.pop(min(free, len(ready))))
+        if slot_generators is not None:
+            generator = [slot_generators[slot] for slot in batch.slots]
         tokens, logprobs = sample_tokens(batch.next_logits, temperature, top_p, generator)
         running = []
         reserved = len(ready)

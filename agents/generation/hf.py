@@ -144,13 +144,14 @@ class HFBackend:
         temperature: float = 1.0,
         top_p: float = 1.0,
         max_new_tokens: int = 256,
-        seed: int | None = None,
+        seed: int | Sequence[int] | None = None,
         max_batch: int | None = None,
         prefixes: Sequence[Sequence[int]] = (),
     ) -> dict[str, int]:
         """Continuous batching (see :mod:`agents.generation.continuous`): each slot starts with
         ``prompt_ids[slot]``; when its completion ends, ``next_prompt(slot, output)`` returns
-        the slot's next prompt or ``None``. ``prefixes`` are token prefixes shared by many
+        the slot's next prompt or ``None``. ``seed`` is one seed for the run or one per slot
+        (then a slot's samples do not depend on the other slots). ``prefixes`` are token prefixes shared by many
         prompts, prefilled once. Returns the work counts of
         :func:`agents.generation.continuous.continuous_generate` (forward calls, prefill calls and tokens).
 

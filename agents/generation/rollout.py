@@ -22,10 +22,11 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 import gymnasium as gym
+import numpy as np
 
 from agents.generation.interface import WORK_COUNTS
 
-__all__ = ["TurnRecord", "EpisodeRecord", "Start", "RolloutEngine"]
+__all__ = ["TurnRecord", "EpisodeRecord", "Start", "RolloutEngine", "rollout_seed"]
 
 
 @dataclass
@@ -91,6 +92,12 @@ class Start:
     rollout_id: int = 0
 
 
+def rollout_seed(seed: int, key: int) -> int:
+    """The sampling seed of rollout ``key`` in a run seeded with ``seed`` (distinct pairs give
+    unrelated streams)."""
+    return int(np.random.SeedSequence([int(seed) % 2**63, int(key) % 2**63]).generate_state(1, np.uint64)[0] >> 1)
+
+
 class RolloutEngine:
     """Steps many environments in lockstep with one batched generation call per step.
 
@@ -110,9 +117,11 @@ class RolloutEngine:
             for a free row in arrival order (every environment's first action, then each next
             action behind those already waiting, so all episodes advance together);
             lockstep mode splits each step into calls of at most this many prompts. It bounds
-            the memory of the KV cache when there are many rollouts (LoGo-GRPO's local groups),
-            and it changes which random numbers each row draws, so results are reproducible
-            for a given ``max_batch``.
+            the memory of the KV cache when there are many rollouts (LoGo-GRPO's local groups).
+            In continuous mode every rollout samples from its own random stream (see
+            :meth:`run`), so ``max_batch`` does not change what is sampled (up to float
+            rounding); in lockstep mode one stream serves each call, so results are
+            reproducible for a given ``max_batch``.
 
     ``timing`` accumulates ``generate_s`` (sampling), ``env_s`` (env steps and bookkeeping),
     ``calls`` (generation calls), ``forward_calls``, ``prefill_calls``, ``prefill_tokens``,
@@ -150,6 +159,11 @@ class RolloutEngine:
         self.max_batch = max_batch
         self.timing = {"generate_s": 0.0, "env_s": 0.0, "calls": 0, **dict.fromkeys(WORK_COUNTS, 0), "generated_tokens": 0}
 
+    def weights_changed(self) -> None:
+        """Called by the trainers after every update. The policy runs in this process, so there
+        is nothing to do; :class:`agents.generation.distributed.RayRolloutEngine` broadcasts
+        the new weights to its workers here."""
+
     def _use_continuous(self) -> bool:
         supported = bool(getattr(self.policy, "supports_continuous", False))
         if self.continuous and not supported:
@@ -161,11 +175,26 @@ class RolloutEngine:
             self._pool.append(self.env_fn())
         return self._pool[:n]
 
-    def run(self, starts: Sequence[Start], seed: int = 0, temperature: float | None = None) -> list[EpisodeRecord]:
+    def run(
+        self,
+        starts: Sequence[Start],
+        seed: int | None = 0,
+        temperature: float | None = None,
+        keys: Sequence[int] | None = None,
+    ) -> list[EpisodeRecord]:
         """Run one rollout per ``Start``, all at once; returns records in the same order.
 
-        The same starts and ``seed`` give the same records (sampling is seeded per call).
+        The same starts and ``seed`` give the same records. In continuous mode each rollout
+        samples from its own stream, seeded by ``(seed, key)``, where ``keys[i]`` (default:
+        ``i``) names rollout ``i``; a rollout's samples then depend only on its own start, seed
+        and key, not on which other rollouts run beside it (up to float rounding of the
+        batched forward pass). This is what lets a caller split one call into several, on
+        several workers, and get the same records: give each part the keys its starts had
+        in the whole. Lockstep mode seeds each generation call as a whole.
         """
+        if keys is not None and len(keys) != len(starts):
+            raise ValueError(f"{len(keys)} keys for {len(starts)} starts")
+        keys = list(range(len(starts))) if keys is None else [int(k) for k in keys]
         temperature = self.temperature if temperature is None else temperature
         envs = self._envs(len(starts))
         records: list[EpisodeRecord] = []
@@ -241,7 +270,8 @@ class RolloutEngine:
             t0 = time.perf_counter()
             env_before = self.timing["env_s"]
             counts = self.policy.generate_continuous(
-                list(obs), advance, seed=None if seed is None else seed * 1_000_003, max_batch=self.max_batch, **sample
+                list(obs), advance, seed=None if seed is None else [rollout_seed(seed, k) for k in keys],
+                max_batch=self.max_batch, **sample,
             )
             for key, value in counts.items():
                 self.timing[key] = self.timing.get(key, 0) + value

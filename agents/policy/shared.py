@@ -228,14 +228,15 @@ class SharedPolicy:
         temperature: float = 1.0,
         top_p: float = 1.0,
         max_new_tokens: int = 256,
-        seed: int | None = None,
+        seed: int | Sequence[int] | None = None,
         max_batch: int | None = None,
     ) -> dict[str, int]:
         """Sample actions with continuous batching: slot ``i`` starts from ``observations[i]``;
         whenever one of its actions is complete, ``on_generation(i, generation)`` returns the
         slot's next observation (``None``: the slot is done). Rows never wait for each other.
 
-        Same sampling settings and log-prob convention as :meth:`generate`; ``max_batch`` caps
+        Same sampling settings and log-prob convention as :meth:`generate`; ``seed`` may also
+        be one seed per slot (each slot then samples from its own stream); ``max_batch`` caps
         the rows decoded at once (default: one per slot; slots beyond it queue for a row).
         Each role's prompt prefix (:attr:`role_prefixes`) is prefilled once per call and
         shared by every prompt of that role, unless :attr:`share_role_prefixes` is off. Returns the backend's work counts

@@ -160,6 +160,7 @@ class GRPO:
         rows, metrics = self.collect(tasks, seed)
         rollout_s = time.perf_counter() - start
         update = policy_update(self.policy, self.optimizer, rows, self.config.update, ref_policy=self.ref_policy, seed=seed)
+        self.engine.weights_changed()  # rollout workers, if any, must sample from the new weights
         self.generated_tokens += self.engine.timing["generated_tokens"] - before
         metrics.update({f"update/{k}": v for k, v in update.items()})
         metrics["generated_tokens"] = float(self.generated_tokens)
