@@ -71,3 +71,53 @@ def test_parse_stages():
         parse_stages("8-10")
     with pytest.raises(ValueError):
         parse_stages("0:3")
+
+
+def _metrics(out: Path) -> list[dict]:
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    # Wall times differ from run to run; everything else must not.
+    return [{k: v for k, v in r.items() if k != "time" and not k.startswith("time/") and not k.endswith("_s")} for r in records]
+
+
+@pytest.mark.slow
+def test_smoke_run_on_two_ray_workers_matches_the_in_process_run(tmp_path):
+    """`--workers 2` (a local Ray instance with this machine's CPUs) gives the in-process run's
+    metrics, step by step, and the same test F1. Both runs start from the same warm start."""
+    pytest.importorskip("ray")
+    solo, spread = tmp_path / "solo", tmp_path / "spread"
+    proc = _train(solo)
+    log = proc.communicate(timeout=900)[0]
+    assert proc.returncode == 0, log
+    import shutil
+
+    shutil.copytree(solo / "warm_start", spread / "warm_start")
+    proc = _train(spread, "--workers", "2")
+    log = proc.communicate(timeout=900)[0]
+    assert proc.returncode == 0, log
+    want, got = _metrics(solo), _metrics(spread)
+    assert [sorted(r) for r in got] == [sorted(r) for r in want]
+    for g, w in zip(got, want):
+        for key, value in w.items():
+            assert g[key] == pytest.approx(value, rel=1e-4, abs=1e-5), key
+    test_f1 = [json.loads((d / "results.json").read_text())["test"]["f1"] for d in (solo, spread)]
+    assert test_f1[0] == pytest.approx(test_f1[1], abs=1e-9)
+
+
+def test_workers_without_ray_or_with_an_unreachable_cluster_fail_before_any_work(tmp_path):
+    blocker = tmp_path / "noray"
+    blocker.mkdir()
+    (blocker / "ray.py").write_text("raise ImportError('No module named ray (blocked by the test)')\n")
+    env = {**os.environ, "PYTHONPATH": f"{blocker}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "agents.cli", "train", "--preset", "smoke", "--out", str(out), "--workers", "2"]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120, cwd=Path(__file__).parents[1])
+    assert done.returncode != 0
+    assert 'pip install -e ".[ray]"' in done.stderr and not out.exists()
+
+    done = subprocess.run([*cmd[:-2], "--workers", "1", "--ray-address", "127.0.0.1:9"], capture_output=True, text=True,
+                          timeout=120, cwd=Path(__file__).parents[1])
+    assert done.returncode != 0
+    assert "cannot reach a Ray cluster at '127.0.0.1:9'" in done.stderr and not out.exists()
+    done = subprocess.run([*cmd[:-2], "--ray-address", "127.0.0.1:9"], capture_output=True, text=True, timeout=120,
+                          cwd=Path(__file__).parents[1])
+    assert done.returncode != 0 and "--ray-address needs --workers" in done.stderr
