@@ -20,7 +20,7 @@ LAYERS = (
     ("agents._lazy",),
     ("agents.generation",),
     ("agents.policy",),
-    ("agents.baselines", "agents.trl_adapter"),
+    ("agents.baselines", "agents.trl_adapter", "agents.trl_template"),
     ("agents.rl",),
     ("agents.presets",),
     ("agents.commands", "agents.cli"),
