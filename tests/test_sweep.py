@@ -1,0 +1,420 @@
+"""`memr2 sweep`: spec checking, grid expansion, the table's maths, and resuming a killed sweep."""
+
+from __future__ import annotations
+
+import csv
+import itertools
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+import zlib
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from agents.commands import sweep
+from agents.commands.sweep import SpecError, f1_at, mean_ci, parse_spec, t_quantile_975
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _spec(**tables):
+    base = {"sweep": {"preset": "smoke"}, "axes": {"algo": ["logo-grpo", "grpo"], "seed": [0, 1]}}
+    base.update(tables)
+    return base
+
+
+# ----------------------------------------------------------------------------- the grid
+
+AXIS_VALUES = {
+    "seed": st.lists(st.integers(0, 10_000), min_size=1, max_size=4, unique=True),
+    "algo": st.lists(st.sampled_from(sweep.ALGOS), min_size=1, max_size=2, unique=True),
+    "curriculum": st.lists(st.booleans(), min_size=1, max_size=2, unique=True),
+    "n_rollouts": st.lists(st.integers(1, 64), min_size=1, max_size=3, unique=True),
+    "temperature": st.lists(st.sampled_from([0.5, 0.7, 1.0, 1.3]), min_size=1, max_size=3, unique=True),
+    "turns_per_session": st.lists(st.sampled_from([4, 6, [6, 8], [2, 3]]), min_size=1, max_size=3, unique_by=str),
+}
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.dictionaries(st.sampled_from(sorted(AXIS_VALUES)), st.just(None), min_size=0, max_size=4).flatmap(
+    lambda keys: st.fixed_dictionaries({k: AXIS_VALUES[k] for k in keys})))
+def test_the_grid_is_every_combination_once_with_unique_names(axes):
+    spec = parse_spec({"sweep": {"preset": "smoke"}, "settings": {"sft_steps": 3}, "axes": axes})
+    assert len(spec.runs) == math.prod(len(v) for v in axes.values())
+    assert len({r.name for r in spec.runs}) == len(spec.runs)
+    combos = [tuple(r.values[a] for a in axes) for r in spec.runs]
+    assert combos == list(itertools.product(*axes.values()))
+    for r in spec.runs:
+        assert r.settings == {"sft_steps": 3, **r.values}
+        preset, job = sweep.resolve(spec, r)
+        assert preset.sft_steps == 3
+        if "n_rollouts" in axes:
+            assert preset.n_rollouts == r.values["n_rollouts"]
+        if r.values.get("curriculum") is False:
+            assert len(preset.stages) == 1 and preset.stages[0].horizon == 3  # smoke: 2 -> 3, flattened
+        assert job["seed"] == r.values.get("seed", 0)
+    # Configurations are the runs without their seed: the table has one row each, over every seed.
+    configs = {r.config for r in spec.runs}
+    assert len(configs) == len(spec.runs) // len(axes.get("seed", [0]))
+    results = {r.name: _fake_result(r, 10 * i, i / len(spec.runs), [(0, 0.0)]) for i, r in enumerate(spec.runs)}
+    rows, per_run = sweep.table_rows(spec, results)
+    assert len(rows) == len(configs) and len(per_run) == len(spec.runs)
+    assert all(row["seeds"] == len(axes.get("seed", [0])) for row in rows)
+
+
+def test_settings_reach_the_preset_and_the_job():
+    spec = parse_spec(_spec(settings={"stages": "4:2,8:1", "turns_per_session": [6, 8], "lr": 1, "device": "cpu"},
+                            axes={"curriculum": [True, False], "seed": [3]}))
+    curriculum, flat = (sweep.resolve(spec, r) for r in spec.runs)
+    assert [(s.horizon, s.steps) for s in curriculum[0].stages] == [(4, 2), (8, 1)]
+    assert [(s.horizon, s.steps) for s in flat[0].stages] == [(8, 3)]
+    assert curriculum[0].turns_per_session == (6, 8) and curriculum[0].lr == 1.0 and isinstance(curriculum[0].lr, float)
+    assert curriculum[1] == {"algo": "logo-grpo", "seed": 3, "model": None, "device": "cpu"}
+    # Runs that differ only in RL settings share a warm start; another seed or warm-start setting does not.
+    spec = parse_spec(_spec(axes={"algo": ["grpo", "logo-grpo"], "curriculum": [True, False], "lr": [1e-4, 1e-3],
+                                  "seed": [0, 1], "sft_steps": [5, 6]}))
+    keys = {}
+    for r in spec.runs:
+        keys.setdefault(sweep.warm_start_key(spec, r), set()).add((r.values["seed"], r.values["sft_steps"]))
+    assert len(keys) == 4 and all(len(v) == 1 for v in keys.values())
+    model_spec = parse_spec(_spec(settings={"model": "/some/checkpoint"}))
+    assert sweep.warm_start_key(model_spec, model_spec.runs[0]) is None
+
+
+BAD_SPECS = [
+    ({"settings": {"n_rollout": 4}}, r"unknown setting 'n_rollout' in \[settings\] \(did you mean 'n_rollouts'\?\)"),
+    ({"axes": {"learning_rate": [1e-4], "seed": [0]}}, r"unknown setting 'learning_rate' in \[axes\]"),
+    ({"axes": {"algo": [], "seed": [0]}}, r"axis 'algo' is empty"),
+    ({"axes": {"algo": ["grpo", "grpo"]}}, r"duplicate run name 'algo-grpo'.*an axis repeats a value"),
+    ({"sweep": {"preset": "smoke", "run_name": "run-s{seed}"}}, r"duplicate run name 'run-s0'.*must tell every run apart"),
+    ({"axes": {"model": ["a b", "a-b"]}}, r"duplicate run name 'model-a-b'"),
+    ({"sweep": {"preset": "smoke", "run_name": "{algo}-{sed}"}}, r"run_name '\{algo\}-\{sed\}' names 'sed', which is not an axis"),
+    ({"sweep": {"preset": "huge"}}, r"unknown preset 'huge'"),
+    ({"sweep": {"preset": "smoke", "presets": "x"}}, r"unknown key 'presets' in \[sweep\] \(did you mean 'preset'\?\)"),
+    ({"setings": {}}, r"unknown table \[setings\] \(did you mean 'settings'\?\)"),
+    ({"resources": {"cpus": 0}}, r"\[resources\] cpus must be a number >= 1"),
+    ({"resources": {"gpu": 1}}, r"unknown key 'gpu' in \[resources\]"),
+    ({"settings": {"n_rollouts": "4"}}, r"n_rollouts = '4': expected an integer"),
+    ({"settings": {"seed": True}}, r"seed = True: expected an integer"),
+    ({"axes": {"algo": ["ppo"]}}, r"algo = 'ppo': expected one of logo-grpo, grpo"),
+    ({"axes": {"algo": "grpo"}}, r"axis 'algo' must be a list"),
+    ({"settings": {"stages": "8-10"}}, r"stages = '8-10': bad stage"),
+    ({"settings": {"algo": "grpo"}}, r"'algo' is both a fixed setting and an axis"),
+    ({"report": {"equal_budget": "yes"}}, r"equal_budget must be true or false"),
+]
+
+
+@pytest.mark.parametrize("tables, message", BAD_SPECS, ids=[m[:30] for _, m in BAD_SPECS])
+def test_a_bad_spec_is_a_clear_error(tables, message):
+    with pytest.raises(SpecError, match=message):
+        parse_spec(_spec(**tables), path="spec.toml")
+
+
+def test_the_quick_variant_replaces_keys_of_its_tables(tmp_path):
+    path = tmp_path / "s.toml"
+    path.write_text('[sweep]\npreset = "tiny"\n[settings]\nlr = 0.1\nsft_steps = 9\n[axes]\nseed = [0, 1, 2]\n'
+                    '[quick.sweep]\npreset = "smoke"\n[quick.settings]\nsft_steps = 2\n[quick.axes]\nseed = [5]\n')
+    full, quick = sweep.load_spec(path), sweep.load_spec(path, quick=True)
+    assert (full.preset, len(full.runs), full.settings) == ("tiny", 3, {"lr": 0.1, "sft_steps": 9})
+    assert (quick.preset, [r.seed for r in quick.runs], quick.settings) == ("smoke", [5], {"lr": 0.1, "sft_steps": 2})
+    path.write_text('[axes]\nseed = [0]\n')
+    with pytest.raises(SpecError, match=r"--quick needs a \[quick\] table"):
+        sweep.load_spec(path, quick=True)
+    path.write_text('[axes\nseed = [0]\n')
+    with pytest.raises(SpecError, match="not valid TOML"):
+        sweep.load_spec(path)
+
+
+def test_the_credit_assignment_spec_is_the_study():
+    spec = sweep.load_spec(ROOT / "benchmarks" / "credit_assignment.toml")
+    assert spec.preset == "tiny" and spec.equal_budget and len(spec.runs) == 12
+    assert {tuple(r.values) for r in spec.runs} == {("algo", "curriculum", "seed")}
+    # The four configurations of a seed share its warm start, as the old script's did.
+    assert len({sweep.warm_start_key(spec, r) for r in spec.runs}) == 3
+    quick = sweep.load_spec(ROOT / "benchmarks" / "credit_assignment.toml", quick=True)
+    assert quick.preset == "smoke" and len(quick.runs) == 8 and quick.cpus == 1
+
+
+# ----------------------------------------------------------------------------- the table's maths
+
+
+def test_mean_ci_is_the_student_t_interval():
+    mean, lo, hi, n = mean_ci([1.0, 2.0, 3.0])
+    half = 4.302652729911275 / math.sqrt(3)  # t(0.975, 2) * sd 1 / sqrt(3)
+    assert (mean, n) == (2.0, 3)
+    assert lo == pytest.approx(2 - half, abs=1e-4) and hi == pytest.approx(2 + half, abs=1e-4)
+    mean, lo, hi, n = mean_ci([0.25, float("nan"), 0.75])  # NaN (a missing reading) is dropped
+    assert (mean, n) == (0.5, 2) and hi - 0.5 == pytest.approx(12.7062 * 0.25, rel=1e-6)  # sd 0.354 / sqrt 2
+    assert math.isnan(mean_ci([0.4])[1]) and mean_ci([0.4])[0] == 0.4
+    assert all(math.isnan(x) for x in mean_ci([])[:3]) and mean_ci([])[3] == 0
+
+
+@given(st.lists(st.floats(-1e3, 1e3), min_size=2, max_size=30), st.floats(-100, 100), st.floats(0.01, 100))
+def test_mean_ci_moves_and_scales_with_the_data(xs, shift, scale):
+    mean, lo, hi, n = mean_ci(xs)
+    assert n == len(xs) and lo <= mean <= hi
+    mean2, lo2, hi2, _ = mean_ci([shift + scale * x for x in xs])
+    assert mean2 == pytest.approx(shift + scale * mean, rel=1e-9, abs=1e-6)
+    assert hi2 - lo2 == pytest.approx(scale * (hi - lo), rel=1e-6, abs=1e-6)
+
+
+def test_t_quantiles_match_scipy():
+    stats = pytest.importorskip("scipy.stats")
+    for df in [*range(1, 80), 100, 250, 1000, 10**6]:
+        assert t_quantile_975(df) == pytest.approx(stats.t.ppf(0.975, df), abs=1e-4), df
+    with pytest.raises(ValueError):
+        t_quantile_975(0)
+
+
+def test_f1_at_reads_the_last_point_within_the_budget():
+    curve = [(300, 0.3), (0, 0.1), (100, 0.2)]
+    assert f1_at(curve, 0) == 0.1 and f1_at(curve, 99) == 0.1 and f1_at(curve, 100) == 0.2 and f1_at(curve, 10**9) == 0.3
+    assert math.isnan(f1_at([(50, 0.5)], 10))
+
+
+def _fake_result(run, tokens, test_f1, curve):
+    return {"test": {"f1": test_f1, "memory_size": 2.0}, "generated_tokens": tokens, "curve": curve, "validation": [],
+            "wall_s": 1.0, "step_s": [0.5, 1.5]}
+
+
+def test_the_table_groups_seeds_and_compares_at_equal_budget(tmp_path):
+    spec = parse_spec(_spec(axes={"algo": ["logo-grpo", "grpo"], "seed": [0, 1]}, report={"equal_budget": True}))
+    data = {  # (algo, seed): tokens, test F1, validation curve
+        ("logo-grpo", 0): (500, 0.4, [(0, 0.1), (200, 0.3), (500, 0.5)]),
+        ("logo-grpo", 1): (400, 0.2, [(0, 0.0), (400, 0.2)]),
+        ("grpo", 0): (300, 0.1, [(0, 0.1), (300, 0.2)]),
+        ("grpo", 1): (600, 0.3, [(0, 0.0), (300, 0.1), (600, 0.4)]),
+    }
+    results = {r.name: _fake_result(r, *data[r.values["algo"], r.values["seed"]]) for r in spec.runs}
+    assert sweep.budget_f1(spec, results) == {  # budgets: seed 0 -> 300 tokens, seed 1 -> 400
+        "algo-logo-grpo_seed-0": 0.3, "algo-logo-grpo_seed-1": 0.2, "algo-grpo_seed-0": 0.2, "algo-grpo_seed-1": 0.1}
+    rows, per_run = sweep.table_rows(spec, results)
+    assert [r["algo"] for r in rows] == ["logo-grpo", "grpo"] and len(per_run) == 4
+    logo = rows[0]
+    assert logo["seeds"] == 2 and logo["test_f1_mean"] == pytest.approx(0.3) and logo["budget_f1_mean"] == pytest.approx(0.25)
+    assert logo["test_f1_ci_lo"] == pytest.approx(0.3 - 12.7062 * 0.1 / 1, abs=1e-6)  # sd 0.1414.. / sqrt 2 = 0.1
+    assert logo["generated_tokens_mean"] == 450 and logo["step_s_mean"] == 1.0
+    sweep.write_report(spec, tmp_path, results)
+    md = (tmp_path / "results.md").read_text()
+    assert "| logo-grpo | 2 | 0.300 [-0.971, 1.571] | 0.250 [" in md
+    assert (tmp_path / "results.png").stat().st_size > 1000
+    # A run still missing is named under the table, and its configuration averages what is there.
+    del results["algo-grpo_seed-1"]
+    sweep.write_report(spec, tmp_path, results)
+    md = (tmp_path / "results.md").read_text()
+    assert "1 of 4 runs have not finished: algo-grpo_seed-1" in md and "| grpo | 1 | 0.100 |" in md
+
+
+# ----------------------------------------------------------------------------- resuming (no Ray)
+
+
+class Killed(BaseException):
+    """Stands for SIGKILL: nothing after it runs, and it is not an ordinary failure."""
+
+
+@pytest.fixture
+def fake_jobs(monkeypatch):
+    """Replace the training job with a cheap deterministic one that records what it ran."""
+    calls = {"runs": [], "warm": [], "kill_after": None, "fail": set()}
+
+    def warm(preset, job, threads):
+        calls["warm"].append(job["seed"])
+        return b"warm-%d" % job["seed"]
+
+    def run(preset, job, out, warm_blob, threads, preset_name, start_point):
+        name = Path(out).name
+        if calls["kill_after"] is not None and len(calls["runs"]) >= calls["kill_after"]:
+            Path(out).mkdir(parents=True)  # a run that was under way: its directory, no result
+            raise Killed
+        if name in calls["fail"]:
+            raise RuntimeError("out of memory")
+        calls["runs"].append(name)
+        assert warm_blob == b"warm-%d" % job["seed"] and threads == 1
+        f1 = zlib.crc32(f"{job['algo']}{job['seed']}".encode()) % 1000 / 1000
+        tokens = 100 * (job["seed"] + 1) + len(job["algo"])
+        return {"test": {"f1": f1, "memory_size": 1.0}, "generated_tokens": tokens, "curve": [(0, 0.0), (tokens, f1)],
+                "validation": [], "wall_s": float(len(calls["runs"])), "step_s": [1.0], "run_dir": out}
+
+    monkeypatch.setattr(sweep, "execute_warm_start", warm)
+    monkeypatch.setattr(sweep, "execute_run", run)
+    return calls
+
+
+def _table(out: Path) -> list[dict]:
+    rows = list(csv.DictReader(open(out / "results.csv")))
+    return [{k: v for k, v in r.items() if k not in sweep.TIME_COLUMNS} for r in rows]
+
+
+def test_a_killed_sweep_resumes_with_the_unfinished_runs_only(tmp_path, fake_jobs):
+    spec = parse_spec(_spec(axes={"algo": ["logo-grpo", "grpo"], "seed": [0, 1]}, report={"equal_budget": True}))
+    whole = tmp_path / "whole"
+    sweep.run_sweep(spec, whole, local=True, log=lambda s: None)
+    assert fake_jobs["warm"] == [0, 1]  # one warm start per seed, shared by both algorithms
+    fake_jobs.update(runs=[], warm=[], kill_after=2)
+    out = tmp_path / "killed"
+    with pytest.raises(Killed):
+        sweep.run_sweep(spec, out, local=True, log=lambda s: None)
+    first = list(fake_jobs["runs"])
+    assert sorted(p.stem for p in (out / "results").glob("*.json")) == sorted(first) and len(first) == 2
+    assert not (out / "results.md").exists()
+    (out / "results" / ".algo-grpo_seed-0.json.x1.tmp").write_text("{")  # a result write cut short by the kill
+    assert len(list((out / "warm_starts").glob("*.tar.gz"))) == 2  # both seeds' warm starts were saved by then
+
+    fake_jobs.update(runs=[], warm=[], kill_after=None)
+    sweep.run_sweep(spec, out, local=True, log=lambda s: None)
+    assert sorted(fake_jobs["runs"]) == sorted(r.name for r in spec.runs if r.name not in first)
+    assert fake_jobs["warm"] == []  # the saved warm starts are reused
+    assert _table(out) == _table(whole)
+    assert (out / "runs.csv").read_text().count("\n") == 5
+    # Nothing left to do: a third call runs nothing and writes the same table.
+    fake_jobs.update(runs=[])
+    sweep.run_sweep(spec, out, local=True, log=lambda s: None)
+    assert fake_jobs["runs"] == [] and _table(out) == _table(whole)
+
+
+def test_a_failed_run_is_reported_and_retried_next_time(tmp_path, fake_jobs, capsys):
+    spec = parse_spec(_spec())
+    fake_jobs["fail"] = {"algo-grpo_seed-1"}
+    done = sweep.run_sweep(spec, tmp_path, local=True)
+    assert sorted(done) == sorted(r.name for r in spec.runs if r.name != "algo-grpo_seed-1")
+    log = capsys.readouterr().out
+    assert "run algo-grpo_seed-1 FAILED: RuntimeError: out of memory" in log and "run the same command again" in log
+    fake_jobs.update(fail=set(), runs=[])
+    assert len(sweep.run_sweep(spec, tmp_path, local=True)) == 4 and fake_jobs["runs"] == ["algo-grpo_seed-1"]
+
+
+def test_a_directory_holding_other_settings_is_refused(tmp_path, fake_jobs):
+    sweep.run_sweep(parse_spec(_spec()), tmp_path, local=True, log=lambda s: None)
+    changed = parse_spec(_spec(settings={"lr": 0.5}))
+    with pytest.raises(SpecError, match="holds run 'algo-logo-grpo_seed-0' with other settings"):
+        sweep.run_sweep(changed, tmp_path, local=True, log=lambda s: None)
+
+
+# ----------------------------------------------------------------------------- the command line
+
+
+def _memr2(*args, env=None, timeout=180):
+    return subprocess.run([sys.executable, "-m", "agents.cli", "sweep", *map(str, args)], capture_output=True, text=True,
+                          env=env, timeout=timeout, cwd=ROOT)
+
+
+def test_bad_input_fails_before_any_run(tmp_path):
+    out = tmp_path / "out"
+    spec = tmp_path / "spec.toml"
+    spec.write_text('[sweep]\npreset = "smoke"\n[axes]\nseed = []\n')
+    done = _memr2(spec, "--out", out)
+    assert done.returncode != 0 and "axis 'seed' is empty" in done.stderr and not out.exists()
+    spec.write_text('[settings]\nsteps = 3\n')
+    done = _memr2(spec, "--out", out)
+    assert done.returncode != 0 and "unknown setting 'steps'" in done.stderr and not out.exists()
+    done = _memr2(tmp_path / "missing.toml", "--out", out)
+    assert done.returncode != 0 and "cannot read" in done.stderr
+    spec.write_text('[axes]\nalgo = ["grpo", "logo-grpo"]\n')
+    done = _memr2(spec, "--out", out, "--dry-run")
+    assert done.returncode == 0 and "todo  algo-grpo" in done.stdout and "2 runs, 0 finished" in done.stdout
+    assert not out.exists()
+    done = _memr2(spec, "--out", out, "--local", "--ray-address", "127.0.0.1:9")
+    assert done.returncode != 0 and "--local runs without Ray" in done.stderr and not out.exists()
+
+
+def test_no_ray_or_an_unreachable_cluster_fails_before_any_run(tmp_path):
+    spec = tmp_path / "spec.toml"
+    spec.write_text('[sweep]\npreset = "smoke"\n[axes]\nseed = [0]\n')
+    out = tmp_path / "out"
+    blocker = tmp_path / "noray"
+    blocker.mkdir()
+    (blocker / "ray.py").write_text("raise ImportError('No module named ray (blocked by the test)')\n")
+    env = {**os.environ, "PYTHONPATH": f"{blocker}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    done = _memr2(spec, "--out", out, env=env)
+    assert done.returncode != 0 and 'memr2 sweep needs Ray' in done.stderr and 'pip install -e ".[ray]"' in done.stderr
+    assert "--local" in done.stderr and not out.exists()
+    t0 = time.perf_counter()
+    done = _memr2(spec, "--out", out, "--ray-address", "127.0.0.1:9")
+    assert done.returncode != 0 and "cannot reach a Ray cluster at '127.0.0.1:9'" in done.stderr and not out.exists()
+    assert time.perf_counter() - t0 < 60
+
+
+def test_a_run_too_big_for_the_cluster_fails_before_any_run(tmp_path):
+    pytest.importorskip("ray")
+    spec = tmp_path / "spec.toml"
+    spec.write_text('[sweep]\npreset = "smoke"\n[resources]\ncpus = 512\n[axes]\nseed = [0]\n')
+    done = _memr2(spec, "--out", tmp_path / "out")
+    assert done.returncode != 0 and "each run asks for 512 CPUs" in done.stderr and not (tmp_path / "out").exists()
+
+
+# ----------------------------------------------------------------------------- the demonstration (Ray, real runs)
+
+DEMO_SPEC = """
+# The smoke preset made smaller still: a short warm start, one stage, one test conversation.
+[sweep]
+preset = "smoke"
+[resources]
+cpus = 1
+[settings]
+sft_steps = 8
+sft_probes = 2
+sft_tasks = 2
+max_new_tokens = 48
+stages = "2:1"
+n_test = 1
+[axes]
+algo = ["logo-grpo", "grpo"]
+seed = [0, 1]
+"""
+
+
+def _sweep_proc(spec: Path, out: Path) -> subprocess.Popen:
+    # Its own session, so that the kill takes the local Ray instance and its workers along.
+    return subprocess.Popen([sys.executable, "-m", "agents.cli", "sweep", str(spec), "--out", str(out)], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+def _per_run(out: Path) -> dict:
+    rows = {}
+    for path in sorted((out / "results").glob("*.json")):
+        res = json.loads(path.read_text())
+        rows[path.stem] = (res["test"], res["generated_tokens"], res["curve"], res["validation"])
+    return rows
+
+
+@pytest.mark.slow
+def test_a_sweep_killed_half_way_resumes_to_the_uninterrupted_table(tmp_path):
+    """The issue's demonstration: the smoke preset, 2 algos x 2 seeds, as Ray tasks on a local
+    instance; killed (SIGKILL, driver and Ray together) once half the runs have finished, then
+    resumed: it runs only the rest and ends with the table of a sweep that was never killed."""
+    pytest.importorskip("ray")
+    spec = tmp_path / "demo.toml"
+    spec.write_text(DEMO_SPEC)
+    whole = tmp_path / "whole"
+    proc = _sweep_proc(spec, whole)
+    log = proc.communicate(timeout=1200)[0]
+    assert proc.returncode == 0, log
+
+    out = tmp_path / "killed"
+    proc = _sweep_proc(spec, out)
+    deadline = time.time() + 1200
+    while len(list((out / "results").glob("*.json"))) < 2:
+        assert proc.poll() is None, proc.stdout.read()
+        assert time.time() < deadline, "no two runs finished in 20 minutes"
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    finished = sorted(p.stem for p in (out / "results").glob("*.json"))
+    assert 2 <= len(finished) < 4, finished
+
+    proc = _sweep_proc(spec, out)
+    log = proc.communicate(timeout=1200)[0]
+    assert proc.returncode == 0, log
+    assert f"4 runs, {len(finished)} already finished" in log
+    for name in finished:
+        assert f"] {name}:" not in log  # not run again
+    assert _per_run(out) == _per_run(whole)
+    assert _table(out) == _table(whole)
+    assert [r["algo"] for r in _table(out)] == ["logo-grpo", "grpo"] and all(r["seeds"] == "2" for r in _table(out))
