@@ -5,17 +5,26 @@ seeds, so the three runs do the same work (the script checks that their metrics 
 only where the rollouts run differs. At the same total thread count: the in-process run uses
 all ``--threads`` torch threads; one worker gets all of them; two workers get half each. The
 learner (the update) always runs in the driver with all threads, while the workers wait.
-Iterations alternate between the configurations (A, B, C, A, B, C, ...) so that drift of a
-shared machine hits all alike; the first iteration of each is a warm-up and not counted.
+Iterations alternate between the configurations in rounds, the order rotating from round to
+round (A B C, B C A, C A B, ...), so that drift of a shared machine hits all alike and no
+configuration always runs right after another; the first round is a warm-up and not counted.
+Each configuration's ratio to in process is taken within each round and the median over rounds
+reported: on a machine shared with other jobs the iteration times themselves drift far more
+than the ratios do.
 
 Reported per configuration: seconds per iteration (mean over the counted iterations), of which
-rollouts and update, the ratio to in process, and for the workers the share of the iteration
+rollouts and update, the ratio to in process (median of the per-round ratios, with their range),
+and for the workers the share of the iteration
 spent broadcasting weights (the driver's ``ray.put`` plus the workers' loading, per worker) and
-the rest of the distribution overhead (rollout wall time minus the slowest worker's own time).
+the rest of the distribution overhead (rollout wall time minus the broadcast and the workers'
+mean own generation and env time: dispatch, pickling, and waiting for the slowest shard).
 
-    python benchmarks/distributed_perf.py [--model DIR] [--horizon 4] [--n 4] [--iters 4]
+    python benchmarks/distributed_perf.py [--model DIR] [--horizon 2] [--n 4] [--iters 6]
 
-Without ``--model`` a smoke-sized warm start is built first (about a minute).
+Without ``--model`` a smoke-sized warm start is built first (about a minute; its path is
+printed with the table, so a second run can reuse it). ``--threads 1`` measures Ray's own
+overhead without thread contention (the in-process run and the single worker get one thread,
+each of two workers one). Measured figures and what they mean: docs/distributed.md.
 """
 
 from __future__ import annotations
@@ -34,10 +43,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", type=Path, default=None, help="warm-started policy directory")
     ap.add_argument("--preset", default="tiny", help="preset for every other setting (default: tiny)")
-    ap.add_argument("--horizon", type=int, default=4)
+    ap.add_argument("--horizon", type=int, default=2)
     ap.add_argument("--n", type=int, default=4, help="global group size")
     ap.add_argument("--tasks", type=int, default=2, help="conversations per iteration")
-    ap.add_argument("--iters", type=int, default=4, help="iterations per configuration (the first is a warm-up)")
+    ap.add_argument("--iters", type=int, default=6, help="rounds: iterations per configuration (the first is a warm-up)")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="total torch threads (default: all CPUs)")
     ap.add_argument("--dtype", default=None, help="weight dtype of the policy (default: the preset's)")
     args = ap.parse_args()
@@ -77,10 +86,13 @@ def main() -> None:
     def load():
         return SharedPolicy.from_pretrained(model_dir, prompt_style=preset.prompt_style, dtype=preset.dtype)
 
-    # Logical CPUs for both pools at once (idle actors use none): 1 x threads and 2 x threads/2.
-    ray.init(num_cpus=2 * args.threads, include_dashboard=False, logging_level="ERROR")
+    # Logical CPUs for both pools at once (idle actors use none): 1 x threads and 2 x threads/2
+    # (at least one each: with --threads 1 the two workers get a thread each). Too few, and the
+    # last actors could never be placed: the pool would wait for them forever.
+    configs = (("in process", 0), ("1 worker", 1), ("2 workers", 2))
+    ray.init(num_cpus=sum(w * max(1, args.threads // w) for _, w in configs if w), include_dashboard=False, logging_level="ERROR")
     runs, pools = {}, []
-    for name, workers in (("in process", 0), ("1 worker", 1), ("2 workers", 2)):
+    for name, workers in configs:
         policy = load()
         if workers:
             pool = WorkerPool(policy, workers, threads_per_worker=max(1, args.threads // workers))
@@ -91,8 +103,11 @@ def main() -> None:
         runs[name] = {"trainer": LoGoGRPO(policy, engine, env_fn().unwrapped, cfg, seed=0), "workers": workers, "records": []}
 
     tasks = list(range(args.tasks))
+    names = list(runs)
     for it in range(args.iters):
-        for name, run in runs.items():
+        for k in range(len(names)):
+            name = names[(it + k) % len(names)]
+            run = runs[name]
             engine = run["trainer"].engine
             before = dict(engine.timing)
             t0 = time.perf_counter()
@@ -104,22 +119,28 @@ def main() -> None:
 
     # The same work everywhere: every configuration's metrics agree with the in-process run's.
     want = [r["metrics"] for r in runs["in process"]["records"]]
+    mismatches = 0
     for name, run in runs.items():
         for got, ref in zip((r["metrics"] for r in run["records"]), want):
             for key, value in ref.items():
                 if not key.startswith("time/") and not np.isclose(got[key], value, rtol=1e-3, atol=1e-4):
+                    mismatches += 1
                     print(f"WARNING: {name}: {key} = {got[key]} against {value} in process")
+    tokens = [r["metrics"]["generated_tokens"] for r in runs["in process"]["records"]]
+    print(f"\nsame metrics in every configuration: {'yes' if not mismatches else f'NO ({mismatches} differ)'}; "
+          f"generated tokens per iteration {np.diff([0, *tokens]).astype(int).tolist()}, "
+          f"update rows {[int(r['metrics'].get('update/rows', 0)) for r in runs['in process']['records']]}")
 
-    base = None
-    print(f"\nmodel {model_dir}, horizon {args.horizon}, n {args.n}, {args.tasks} conversations, {args.threads} threads in all, "
+    print(f"model {model_dir}, horizon {args.horizon}, n {args.n}, {args.tasks} conversations, {args.threads} threads in all, "
           f"{args.iters - 1} counted iterations each")
-    print("| configuration | s / iteration | rollouts (s) | update (s) | vs in process | weight broadcast | other overhead |")
+    print("| configuration | s / iteration | rollouts (s) | update (s) | vs in process (median of rounds [range]) | weight broadcast | other overhead |")
     print("|---|---:|---:|---:|---:|---:|---:|")
+    ref_walls = [r["wall"] for r in (runs["in process"]["records"][1:] or runs["in process"]["records"])]
     for name, run in runs.items():
         counted = run["records"][1:] or run["records"]
         wall = float(np.mean([r["wall"] for r in counted]))
         rollout = float(np.mean([r["rollout"] for r in counted]))
-        base = wall if base is None else base
+        ratios = [r["wall"] / ref for r, ref in zip(counted, ref_walls)]
         broadcast = other = "-"
         if run["workers"]:
             per_iter = [r["timing"]["broadcast_s"] + r["timing"]["weights_load_s"] / run["workers"] for r in counted]
@@ -127,7 +148,8 @@ def main() -> None:
             # Distribution overhead: rollout wall time beyond the workers' own (generation + env) time.
             own = [(r["timing"]["generate_s"] + r["timing"]["env_s"]) / run["workers"] for r in counted]
             other = f"{max(0.0, rollout - float(np.mean(own)) - float(np.mean(per_iter))) / wall:.1%}"
-        print(f"| {name} | {wall:.1f} | {rollout:.1f} | {wall - rollout:.1f} | {wall / base:.2f}x | {broadcast} | {other} |")
+        print(f"| {name} | {wall:.1f} | {rollout:.1f} | {wall - rollout:.1f} | {np.median(ratios):.2f}x "
+              f"[{min(ratios):.2f}, {max(ratios):.2f}] | {broadcast} | {other} |")
     for pool in pools:
         pool.close()
     ray.shutdown()
