@@ -184,3 +184,115 @@ def test_trl_is_not_imported_and_the_example_dry_run_works():
         check=True, cwd=ROOT, capture_output=True, text=True, timeout=120,
     )
     assert out.stdout.count("reward") == 3
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad tool calls, as TRL runs them
+# ---------------------------------------------------------------------------------------------
+
+
+def call_like_trl(env, name: str, arguments) -> str:
+    """What TRL 1.16's tool loop does with one parsed call: ``tool(**arguments)``, and any exception
+    becomes ``{"error": message}``, sent back to the model as the tool's answer (``str`` of it)."""
+    tools = trl_tools(env)
+    try:
+        if name not in tools:
+            raise ValueError(f"Tool {name} not found.")
+        result = tools[name](**arguments)
+    except Exception as e:  # noqa: BLE001  (TRL catches everything a tool raises)
+        result = {"error": str(e)}
+    return str(result)
+
+
+@pytest.mark.parametrize(
+    "name, arguments, message",
+    [
+        ("add_memory", {"text": "Marta has a dog.", "speeker": "Marta"}, "unexpected keyword argument 'speeker'"),
+        ("add_memory", {"text": "Marta has a dog."}, "missing 1 required positional argument: 'speaker'"),
+        ("add_memory", {"text": None, "speaker": "Marta"}, "text must be a non-empty string"),
+        ("add_memory", {"text": ["a", "b"], "speaker": "Marta"}, "text must be a non-empty string"),
+        ("update_memory", {"memory_id": "first", "text": "x"}, "no memory 'first'"),
+        ("update_memory", {"memory_id": 2.5, "text": "x"}, "no memory 2.5"),
+        ("delete_memory", {"memory_id": 99}, "no memory 99 in the list shown"),
+        ("next_turns", {"force": True}, "unexpected keyword argument 'force'"),
+        ("remember", {"text": "x"}, "Tool remember not found"),
+        ("add_memory", "not a dict", "must be a mapping"),
+    ],
+)
+def test_a_bad_tool_call_is_an_error_message_and_the_episode_goes_on(name, arguments, message):
+    env = MemoryToolEnv(horizon=H)
+    env.reset(**ROW, seed=0)
+    env.add_memory("Marta is allergic to mustard.", "Marta", "D1:1")
+    answer = call_like_trl(env, name, arguments)
+    assert answer.startswith("{'error': ") and message in answer
+    # Nothing was queued or applied by the bad call, the good one is still pending, and the episode goes on.
+    assert [op["text"] for op in env.pending] == ["Marta is allergic to mustard."]
+    assert call_like_trl(env, "next_turns", {}).startswith("Session 1, part 2:")
+    assert env.last_info["stats"]["adds"] == 1
+    reward = env.get_reward()
+    assert isinstance(reward, float) and env.done
+    summary = env.history[-1]
+    assert summary["reward"] == reward and summary["stats"]["adds"] == 1 and not summary["finished_by_model"]
+    counted_by_env = name in trl_tools(env) and isinstance(arguments, dict)
+    assert summary["tool_errors"] == int(counted_by_env)  # TRL rejects the others before calling the tool
+
+
+def test_tool_calls_after_the_end_are_errors_and_the_reward_is_stable():
+    env = MemoryToolEnv(horizon=H)
+    env.reset(**ROW, seed=1)
+    while not env.done:
+        call_like_trl(env, "next_turns", {})
+    reward = env.get_reward()
+    for name, arguments in (("next_turns", {}), ("add_memory", {"text": "x", "speaker": "Ann"})):
+        assert "the conversation is over" in call_like_trl(env, name, arguments)
+    assert env.get_reward() == reward and len(env.history) == 1  # scored once
+    assert env.history[0]["finished_by_model"] and env.history[0]["tool_errors"] == 0 and env.tool_errors == 2
+    assert env.tool_calls == {"next_turns": 7, "add_memory": 1}
+
+
+def test_tool_counters_are_per_episode_and_the_schema_is_unchanged():
+    utils = pytest.importorskip("transformers.utils")
+    env = MemoryToolEnv(horizon=H)
+    env.reset(seed=0)
+    env.add_memory("A fact.", "Marta")
+    assert env.tool_calls == {"add_memory": 1} and env.tool_errors == 0
+    env.reset(seed=0)
+    assert env.tool_calls == {} and env.tool_errors == 0
+    # the counting wrapper keeps the name, docstring and type hints TRL renders
+    schema = utils.get_json_schema(env.add_memory)["function"]
+    assert schema["name"] == "add_memory" and set(schema["parameters"]["required"]) == {"text", "speaker"}
+    assert inspect.signature(env.add_memory).parameters.keys() == {"text", "speaker", "dia_id"}
+
+
+def test_reply_stats_logs_the_share_of_replies_with_a_tool_call_and_scores_nothing():
+    from agents.trl_adapter import reply_stats
+
+    call = {"type": "function", "function": {"name": "next_turns", "arguments": {}}}
+    completions = [
+        # a call, its answer, then a reply without a call (which ends TRL's tool loop)
+        [{"role": "assistant", "content": "", "tool_calls": [call, call]}, {"role": "tool", "name": "next_turns", "content": "..."},
+         {"role": "assistant", "content": "done"}],
+        [{"role": "assistant", "content": "prose only"}],
+    ]
+    logged = {}
+    assert reply_stats(completions, log_metric=logged.__setitem__, environments=[None, None]) == [None, None]
+    assert logged == {"replies/per_rollout": 1.5, "replies/with_tool_call": pytest.approx(1 / 3),
+                      "replies/parsed_calls_per_rollout": 1.0}
+    assert reply_stats([[{"role": "assistant", "content": "x"}]]) == [None]  # no log_metric: nothing logged, no error
+
+
+def test_history_counts_only_the_operations_of_the_episode_when_a_row_starts_from_a_state():
+    env = MemoryToolEnv(horizon=H)
+    env.reset(**ROW, seed=0)
+    for i in range(3):
+        env.add_memory(f"Marta has fact number {i}.", "Marta")
+    env.next_turns()
+    state = encode_state(env.env.unwrapped.save_state())
+    again = MemoryToolEnv(horizon=H)
+    again.reset(**ROW, state=state)
+    again.add_memory("Noor paints.", "Noor")
+    again.get_reward()
+    assert again.history[-1]["stats"]["adds"] == 1  # not the 3 made before the state was saved
+    assert again.last_info["stats"]["adds"] == 4  # the env's own counter runs on
+    env.get_reward()
+    assert env.history[-1]["stats"]["adds"] == 3
