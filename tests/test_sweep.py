@@ -297,6 +297,37 @@ def test_a_directory_holding_other_settings_is_refused(tmp_path, fake_jobs):
         sweep.run_sweep(changed, tmp_path, local=True, log=lambda s: None)
 
 
+def test_a_run_trains_in_its_own_attempt_directory_and_lands_at_its_name(tmp_path, monkeypatch):
+    """Leftovers of a killed attempt (even one a stray worker still writes to) never mix with
+    the run that replaces it: each attempt has its own directory, renamed when it finishes."""
+    import agents.commands.train as train_module
+
+    seen = {}
+
+    def fake_train(preset, *, out, algo, model_path, seed, device, progress, preset_name):
+        seen["out"] = Path(out)
+        assert (Path(out) / "warm_start" / "config.json").read_text() == "{}"  # the shared warm start, unpacked
+        assert not (Path(out) / "old.txt").exists()
+        (Path(out) / "metrics.jsonl").write_text('{"time/step_s": 2.0}\n{"val/f1": 0.1}\n{"time/step_s": 4.0}\n')
+        return {"test": {"f1": 0.5, "memory_size": 3.0}, "generated_tokens": 77,
+                "validation": [{"train_generated_tokens": 77, "f1": 0.25}]}
+
+    monkeypatch.setattr(train_module, "train", fake_train)
+    warm = tmp_path / "warm"
+    warm.mkdir()
+    (warm / "config.json").write_text("{}")
+    runs = tmp_path / "runs"
+    (runs / "a").mkdir(parents=True)
+    (runs / "a" / "old.txt").write_text("from a killed sweep")
+    (runs / ".a.attempt-dead").mkdir()
+    preset, job = sweep.resolve(parse_spec(_spec()), parse_spec(_spec()).runs[0])
+    result = sweep.execute_run(preset, job, str(runs / "a"), sweep._pack_dir(warm), 1, "sweep-smoke", False)
+    assert seen["out"].name.startswith(".a.attempt-") and seen["out"].parent == runs
+    assert sorted(p.name for p in runs.iterdir()) == ["a"]
+    assert (runs / "a" / "metrics.jsonl").exists() and not (runs / "a" / "old.txt").exists()
+    assert result["step_s"] == [2.0, 4.0] and result["curve"] == [(77, 0.25)] and result["run_dir"] == str(runs / "a")
+
+
 # ----------------------------------------------------------------------------- the command line
 
 
@@ -324,17 +355,27 @@ def test_bad_input_fails_before_any_run(tmp_path):
     assert done.returncode != 0 and "--local runs without Ray" in done.stderr and not out.exists()
 
 
-def test_no_ray_or_an_unreachable_cluster_fails_before_any_run(tmp_path):
+def _one_run_spec(tmp_path):
     spec = tmp_path / "spec.toml"
     spec.write_text('[sweep]\npreset = "smoke"\n[axes]\nseed = [0]\n')
-    out = tmp_path / "out"
+    return spec
+
+
+def test_a_sweep_without_ray_fails_before_any_run(tmp_path):
+    spec, out = _one_run_spec(tmp_path), tmp_path / "out"
     blocker = tmp_path / "noray"
     blocker.mkdir()
-    (blocker / "ray.py").write_text("raise ImportError('No module named ray (blocked by the test)')\n")
+    (blocker / "ray.py").write_text("raise ModuleNotFoundError('No module named ray (blocked by the test)')\n")
     env = {**os.environ, "PYTHONPATH": f"{blocker}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    done = _memr2(spec, "--out", out, env=env)
-    assert done.returncode != 0 and 'memr2 sweep needs Ray' in done.stderr and 'pip install -e ".[ray]"' in done.stderr
-    assert "--local" in done.stderr and not out.exists()
+    for extra in ([], ["--ray-address", "127.0.0.1:9"]):
+        done = _memr2(spec, "--out", out, *extra, env=env)
+        assert done.returncode != 0 and 'memr2 sweep needs Ray' in done.stderr and 'pip install -e ".[ray]"' in done.stderr
+        assert "--local" in done.stderr and not out.exists()
+
+
+def test_an_unreachable_cluster_fails_before_any_run(tmp_path):
+    pytest.importorskip("ray")
+    spec, out = _one_run_spec(tmp_path), tmp_path / "out"
     t0 = time.perf_counter()
     done = _memr2(spec, "--out", out, "--ray-address", "127.0.0.1:9")
     assert done.returncode != 0 and "cannot reach a Ray cluster at '127.0.0.1:9'" in done.stderr and not out.exists()

@@ -34,7 +34,8 @@ atomically when the run's task returns, so a sweep killed at any point resumes w
 start. The table (``DIR/results.md``, ``DIR/results.csv``, per run ``DIR/runs.csv``) gives,
 per configuration (the runs that differ only in ``seed``), the mean and 95% CI over seeds;
 ``DIR/results.png`` plots it. Run directories (checkpoints, metrics) are ``DIR/runs/<name>/``
-on the node that ran them.
+on the node that ran them (each attempt trains in ``DIR/runs/.<name>.attempt-*`` and is renamed
+when it finishes).
 
 Every spec error (an unknown setting, an empty axis, a duplicate run name...), a missing Ray
 and an unreachable ``--ray-address`` are reported before any run starts.
@@ -389,7 +390,10 @@ def _pack_dir(path: Path) -> bytes:
 def _unpack_dir(blob: bytes, path: Path) -> None:
     path.mkdir(parents=True, exist_ok=True)
     with tarfile.open(fileobj=io.BytesIO(blob), mode="r:gz") as tar:
-        tar.extractall(path, filter="data")
+        if hasattr(tarfile, "data_filter"):  # Python >= 3.10.12 / 3.11.4
+            tar.extractall(path, filter="data")
+        else:  # pragma: no cover - older Pythons; the archive is one this sweep wrote
+            tar.extractall(path)
 
 
 def _set_threads(threads: int) -> int:
@@ -421,13 +425,23 @@ def execute_warm_start(preset: TrainPreset, job: dict[str, Any], threads: int) -
 
 def execute_run(preset: TrainPreset, job: dict[str, Any], out: str, warm: bytes | None, threads: int,
                 preset_name: str, start_point: bool) -> dict[str, Any]:
-    """Run one grid point from scratch in ``out`` (a killed attempt's leftovers are removed)
-    and return what the table needs."""
+    """Run one grid point from scratch and return what the table needs; its directory ends up
+    at ``out``.
+
+    Each attempt trains in a directory of its own next to ``out`` and renames it to ``out``
+    when done: a worker of a killed sweep that is still finishing its task (Ray workers notice
+    the end of their node after a few seconds) writes only into its own attempt, never into
+    the directory of the run that replaces it. Older attempts are removed first."""
+    import uuid
+
     from agents.commands.train import train
 
-    out_dir = Path(out)
-    shutil.rmtree(out_dir, ignore_errors=True)
-    out_dir.mkdir(parents=True)
+    final = Path(out)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    for stale in final.parent.glob(f".{final.name}.attempt-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    out_dir = final.parent / f".{final.name}.attempt-{uuid.uuid4().hex[:8]}"
+    out_dir.mkdir()
     if warm is not None:
         _unpack_dir(warm, out_dir / "warm_start")
     before = _set_threads(threads)
@@ -453,9 +467,11 @@ def execute_run(preset: TrainPreset, job: dict[str, Any], out: str, warm: bytes 
             step_s.append(rec["time/step_s"])
     curve = [] if start_f1 is None else [(0, start_f1)]
     curve += [(v["train_generated_tokens"], v["f1"]) for v in res["validation"]]
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(out_dir, final)
     return {
         "test": res["test"], "generated_tokens": res["generated_tokens"], "curve": curve,
-        "validation": res["validation"], "wall_s": wall, "step_s": step_s, "run_dir": str(out_dir),
+        "validation": res["validation"], "wall_s": wall, "step_s": step_s, "run_dir": str(final),
     }
 
 
@@ -605,6 +621,7 @@ def run_sweep(spec: SweepSpec, out: str | Path, *, local: bool = False, ray=None
                 continue
             if kind == "warm":
                 _write_atomic(warm_dir / f"{what}.tar.gz", value)
+                log(f"warm start {what} done ({len(value) / 2**20:.1f} MiB, saved in {warm_dir})")
             else:
                 finish(what, value)
     write_report(spec, out, done)
@@ -789,6 +806,7 @@ def _plot(spec: SweepSpec, out: Path, rows: list[dict], per_run: list[dict], res
         pts = [p["test_f1"] for p in per_run if tuple((a, p[a]) for a in axes) == config]
         ax.scatter([i + 0.12] * len(pts), pts, s=12, color=f"C{i % 10}", alpha=0.5)
     ax.set_xticks(range(len(rows)), labels, rotation=20, ha="right")
+    ax.set_xlim(-0.5, len(rows) - 0.5)
     ax.set_ylabel("test F1 (mean, 95% CI; dots: seeds)")
     ax.set_title(f"{Path(spec.path).name}: preset {spec.preset}")
     if curves:
@@ -835,20 +853,26 @@ def run(args: argparse.Namespace) -> int:
             print(f"{'done' if r.name in done else 'todo'}  {r.name}  {_describe(r.settings)}")
         print(f"{len(spec.runs)} runs, {len(done)} finished")
         return 0
-    ray = None
+    ray, started = None, False
     if not args.local:  # before any run: Ray missing, a cluster that is down or too small is a clear error now
         from agents.generation.distributed import RayUnavailableError, connect_ray
 
         try:
-            ray, _ = connect_ray(args.ray_address)
+            ray, started = connect_ray(args.ray_address)
         except RayUnavailableError as err:
             raise SystemExit(f"memr2 sweep: {str(err).replace('distributed rollouts need', 'memr2 sweep needs')}; "
                              "or run without Ray with --local") from err
         total = ray.cluster_resources()
         for key, want in (("CPU", spec.cpus), ("GPU", spec.gpus)):
             if want > total.get(key, 0):
+                if started:
+                    ray.shutdown()
                 raise SystemExit(f"memr2 sweep: each run asks for {want:g} {key}s ([resources] in {spec.path}) but the Ray "
                                  f"cluster has {total.get(key, 0):g}; no run could ever start")
-    results = run_sweep(spec, args.out, local=args.local, ray=ray)
+    try:
+        results = run_sweep(spec, args.out, local=args.local, ray=ray)
+    finally:
+        if started:
+            ray.shutdown()
     print(f"table: {Path(args.out) / 'results.md'}")
     return 0 if len(results) == len(spec.runs) else 1
