@@ -67,6 +67,8 @@ def test_the_grid_is_every_combination_once_with_unique_names(axes):
     rows, per_run = sweep.table_rows(spec, results)
     assert len(rows) == len(configs) and len(per_run) == len(spec.runs)
     assert all(row["seeds"] == len(axes.get("seed", [0])) for row in rows)
+    table = [line for line in sweep.markdown_table(spec, rows, results) if line.startswith("|")]
+    assert len(table) == 2 + len(rows) and len({line.count("|") for line in table}) == 1, table
 
 
 def test_settings_reach_the_preset_and_the_job():
@@ -204,6 +206,8 @@ def test_the_table_groups_seeds_and_compares_at_equal_budget(tmp_path):
     sweep.write_report(spec, tmp_path, results)
     md = (tmp_path / "results.md").read_text()
     assert "| logo-grpo | 2 | 0.300 [-0.971, 1.571] | 0.250 [" in md
+    table = [line for line in md.splitlines() if line.startswith("|")]
+    assert len({line.count("|") for line in table}) == 1, table  # header, separator and rows agree
     assert (tmp_path / "results.png").stat().st_size > 1000
     # A run still missing is named under the table, and its configuration averages what is there.
     del results["algo-grpo_seed-1"]

@@ -399,6 +399,13 @@ def _unpack_dir(blob: bytes, path: Path) -> None:
 def _set_threads(threads: int) -> int:
     import torch
 
+    try:  # a task's log goes to the driver's terminal: no progress bars from saving and loading
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    except ImportError:  # pragma: no cover - transformers is part of the train extra
+        pass
+
     before = torch.get_num_threads()
     torch.set_num_threads(max(1, int(threads)))
     return before
@@ -756,9 +763,15 @@ def write_report(spec: SweepSpec, out: Path, results: dict[str, dict]) -> None:
             writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
         _write_atomic(out / name, buf.getvalue().encode())
 
+    _write_atomic(out / "results.md", ("\n".join(markdown_table(spec, rows, results)) + "\n").encode())
+    _plot(spec, out, rows, per_run, results)
+
+
+def markdown_table(spec: SweepSpec, rows: list[dict], results: dict[str, dict]) -> list[str]:
+    """The lines of ``results.md``: a caption, the table (one row per configuration), notes."""
     axes = spec.config_axes
     seeds = spec.axes.get("seed", [spec.settings.get("seed", 0)])
-    head = ["configuration" if not axes else " | ".join(axes), "seeds", "test F1 (95% CI)"]
+    head = [*(axes or ["configuration"]), "seeds", "test F1 (95% CI)"]
     if spec.equal_budget:
         head.append("held-out F1 at equal token budget (95% CI)")
     head += ["memory entries", "generated tokens", "s / iteration", "wall s / run"]
@@ -783,8 +796,7 @@ def write_report(spec: SweepSpec, out: Path, results: dict[str, dict]) -> None:
     if spec.equal_budget:
         lines += ["", "Equal token budget: each run's validation curve (held-out F1 against generated tokens, the "
                   "starting policy at 0) is read at the smallest final budget among the runs with its seed."]
-    _write_atomic(out / "results.md", ("\n".join(lines) + "\n").encode())
-    _plot(spec, out, rows, per_run, results)
+    return lines
 
 
 def _plot(spec: SweepSpec, out: Path, rows: list[dict], per_run: list[dict], results: dict[str, dict]) -> None:
