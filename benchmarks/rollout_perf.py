@@ -33,6 +33,15 @@ rows, envs queue for a free row, as LoGo-GRPO's many short local reruns do in tr
 
 Without ``--model`` a warm-started tiny model is built first (about a minute), so that
 completions have realistic lengths (a random model never stops before ``max_new_tokens``).
+
+``--compare-transformers N`` prints another table instead: our continuous batching
+(``HFBackend.generate_continuous``) against transformers' own (``ContinuousBatchingManager``
+with its paged KV cache, what ``model.generate_batch`` runs) on the same N fixed prompts (taken
+from a warm-up rollout, no env stepping), greedy and at ``--temperature``: generated tokens/s
+of both (best of ``--repeats``, the two engines alternating), their ratio, and whether the
+greedy completions are token for token the same.
+
+    python benchmarks/rollout_perf.py --compare-transformers 16 [--model DIR] [--rows 16] [--max-new-tokens 64]
 """
 
 from __future__ import annotations
@@ -46,15 +55,20 @@ from pathlib import Path
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", type=Path, default=None, help="policy directory (default: warm-start a tiny model)")
+    ap.add_argument("--model", type=Path, default=None,
+                    help="policy directory (default: warm-start a tiny model; with --preset small: SmolLM2, imported on first use)")
+    ap.add_argument("--preset", default="tiny", help="whose prompt style and task sizes to use (tiny, small, ...)")
+    ap.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"), help="weight dtype (see memr2 train --dtype)")
     ap.add_argument("--envs", type=int, default=16, help="rollouts, all started at once")
     ap.add_argument("--rows", type=int, default=None, help="batch rows, the engine's max_batch (default: --envs)")
     ap.add_argument("--horizon", type=int, default=2)
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--temperature", type=float, default=1.0)
     ap.add_argument("--repeats", type=int, default=2, help="runs of the engine and the same-work ceiling (median ratio)")
+    ap.add_argument("--compare-transformers", type=int, default=0, metavar="N",
+                    help="instead of the table: N fixed prompts through transformers' continuous batching and ours")
     args = ap.parse_args()
-    rows = args.rows or args.envs
+    rows = args.rows or (args.compare_transformers or args.envs)
 
     import torch
 
@@ -64,15 +78,19 @@ def main() -> None:
     from agents.presets import PRESETS, task_seeds, make_env_fn
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    preset = PRESETS["tiny"]
+    preset = PRESETS[args.preset]
     seeds = task_seeds(0, preset)
     model_dir = args.model
+    if model_dir is None and preset.model:
+        from agents.policy.models import resolve_model
+
+        model_dir = resolve_model(preset.model)
     if model_dir is None:
         from agents.commands.sft import warm_start
 
         model_dir = Path(tempfile.mkdtemp()) / "warm"
         warm_start(model_dir, PRESETS["smoke"], seed=0, task_seeds=seeds["sft"][:4], eval_seeds=seeds["val"][:1], progress=False)
-    policy = SharedPolicy.from_pretrained(model_dir, prompt_style=preset.prompt_style)
+    policy = SharedPolicy.from_pretrained(model_dir, dtype=args.dtype, prompt_style=preset.prompt_style)
     env_fn = make_env_fn(preset, args.horizon, seeds["train"])
     starts = [Start(options={"task": i % len(seeds["train"])}) for i in range(args.envs)]
 
@@ -107,6 +125,11 @@ def main() -> None:
     # Warm-up on the same tasks: generating a synthetic conversation (about 35 ms) happens once
     # per task and process, and a trainer resets on the same tasks over and over.
     warmup = RolloutEngine(policy, env_fn, max_new_tokens=8, save_states=False).run(starts, seed=1)
+    if args.compare_transformers:
+        prompts = [t.prompt_ids for r in warmup for t in r.turns]
+        prompts = [prompts[i % len(prompts)] for i in range(args.compare_transformers)]
+        compare_transformers(policy, prompts, args, rows, model_dir)
+        return
 
     # The speed of a shared machine drifts by up to 2x within minutes, so a ratio is only fair
     # between runs made close together: every repeat brackets the engine and the same-work
@@ -231,6 +254,120 @@ def main() -> None:
     print(f"env time: {env_share:.1%} of the continuous engine's rollout time ({timing['forward_calls']} forward calls)")
     print(f"env time: {lockstep_env_share:.1%} of the lockstep engine's rollout time ({lockstep.timing['calls']} generate calls)")
 
+
+def compare_transformers(policy, prompts, args, rows: int, model_dir) -> None:
+    """Print tokens/s of our continuous batching and of transformers' own on ``prompts``, and
+    whether their greedy completions agree token for token.
+
+    Both are timed in wall seconds and in CPU seconds of this process (every thread): on a
+    machine that other jobs share, the CPU figure varies far less than the wall one.
+    """
+    import torch
+    import transformers
+    from transformers import ContinuousBatchingConfig, GenerationConfig
+
+    model, backend, new = policy.model, policy.backend, args.max_new_tokens
+
+    def clock() -> tuple[float, float]:
+        return time.perf_counter(), time.process_time()
+
+    def since(start: tuple[float, float]) -> tuple[float, float]:
+        return tuple(now - then for now, then in zip(clock(), start))
+
+    # One random stream per prompt, as the rollout engine gives each rollout (rollout_seed).
+    streams = list(range(len(prompts)))
+
+    def ours(temperature: float, width: int = rows):
+        """Completions and {span: (wall, cpu) seconds}."""
+        completions = {}
+
+        def done(slot, output):
+            completions[slot] = output[0]  # one completion per prompt: no next prompt
+            return None
+
+        start = clock()
+        backend.generate_continuous(prompts, done, temperature=temperature, max_new_tokens=new, seed=streams,
+                                    max_batch=width, prefixes=policy.role_prefixes)
+        return [completions[i] for i in range(len(prompts))], {"ours": since(start)}
+
+    def theirs(temperature: float, width: int = rows):
+        """Completions and {span: (wall, cpu) seconds}: the whole call, and from adding the
+        requests to the last result (the manager already running)."""
+        # Sampling as ours samples: plain temperature, no top-k, stop at our stop ids. The paged
+        # cache is sized to hold every prompt and completion at once: sized from free memory (the
+        # default), it takes 90% of the machine's RAM on CPU and seconds to allocate.
+        sampling = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if temperature > 0 else {}
+        config = GenerationConfig(**sampling, max_new_tokens=new, eos_token_id=backend.stop_ids, pad_token_id=policy.pad_id)
+        page = ContinuousBatchingConfig.page_size
+        blocks = sum(-(-(len(p) + new) // page) for p in prompts)
+        cb = ContinuousBatchingConfig(num_blocks=blocks, max_requests_per_batch=width, seed=0)
+        whole = clock()
+        # What model.generate_batch does, less its progress bar, raising errors it only logs.
+        with model.continuous_batching_context_manager(generation_config=config, continuous_batching_config=cb) as manager:
+            requests = clock()
+            ids = manager.add_requests(inputs=prompts, max_new_tokens=new)
+            results = {}
+            while len(results) < len(ids):
+                result = manager.get_result(timeout=1)
+                if result is None and not manager.is_running():
+                    raise RuntimeError("the continuous batching thread stopped")
+                if result is not None and result.is_finished():
+                    if result.error is not None:
+                        raise RuntimeError(result.error)
+                    results[result.request_id] = result.generated_tokens
+            requests = since(requests)
+        return [results[i] for i in ids], {"whole": since(whole), "requests": requests}
+
+    print(f"model: {model_dir}  prompts: {len(prompts)} ({min(map(len, prompts))}-{max(map(len, prompts))} tokens)  "
+          f"rows: {rows}  max_new_tokens: {new}  repeats: {args.repeats}  torch threads: {torch.get_num_threads()}  "
+          f"transformers {transformers.__version__}, torch {torch.__version__}, {model.dtype}, {model.device}")
+    print("| temperature | run | tokens/s (wall) | tokens per CPU second | vs ours (wall / CPU) | greedy outputs identical to ours |")
+    print("|---:|---|---:|---:|---:|---|")
+    labels = {"ours": "ours (HFBackend.generate_continuous)", "whole": "transformers, whole call (manager start and stop included)",
+              "requests": "transformers, requests only (manager running)"}
+    for temperature in dict.fromkeys([0.0, args.temperature]):
+        best = {name: [0.0, 0.0] for name in labels}  # best (wall, cpu) tokens/s per span
+        outputs, error, reproduced = {}, None, {}
+
+        def timed(engine: str, run) -> None:
+            outputs[engine], spans = run(temperature)
+            tokens = sum(map(len, outputs[engine]))
+            for name, seconds in spans.items():
+                best[name] = [max(b, tokens / s) for b, s in zip(best[name], seconds)]
+
+        for _ in range(args.repeats):  # alternate, so that a drifting machine slows both alike
+            timed("ours", ours)
+            if error is None:
+                try:
+                    timed("theirs", theirs)
+                except Exception as exc:  # noqa: BLE001 - transformers' failure is a result too
+                    error = f"{type(exc).__name__}: {exc}"
+        same = "n/a (sampled)"
+        if temperature > 0 and error is None:
+            # Reproducibility of sampling, which training needs (same seed, same rollouts, whatever
+            # the batch width or the number of workers): the same call again, and the same call at
+            # half the batch width, against the last repeat's completions.
+            half = max(1, rows // 2)
+            for engine, run in (("ours", ours), ("theirs", theirs)):
+                again, _ = run(temperature)
+                narrower, _ = run(temperature, half)
+                reproduced[engine] = (
+                    f"same call again: {sum(a == b for a, b in zip(again, outputs[engine]))} of {len(prompts)} identical; "
+                    f"at {half} rows: {sum(a == b for a, b in zip(narrower, outputs[engine]))} of {len(prompts)}"
+                )
+        if temperature == 0 and error is None:
+            agree = sum(a == b for a, b in zip(outputs["ours"], outputs["theirs"]))
+            same = f"{'yes' if agree == len(prompts) else 'no'} ({agree} of {len(prompts)} completions)"
+        for name, label in labels.items():
+            if name != "ours" and error is not None:
+                print(f"| {temperature:g} | transformers | failed: {error} | | | |")
+                break
+            wall, cpu = best[name]
+            vs = f"{wall / best['ours'][0]:.2f}x / {cpu / best['ours'][1]:.2f}x"
+            print(f"| {temperature:g} | {label} | {wall:,.0f} | {cpu:,.0f} | {vs} | {same if name != 'ours' else ''} |")
+        for engine, line in reproduced.items():
+            print(f"| {temperature:g} | sampled completions of {engine}, same seed | {line} | | | |")
+    print("(generated tokens over seconds, best of the repeats)")
 
 if __name__ == "__main__":
     main()
