@@ -188,6 +188,16 @@ def test_a_lost_worker_is_replaced_and_its_share_redone(local_ray, tiny_path, in
     _assert_same_run(got, in_process)  # nothing lost, nothing counted twice
 
 
+def test_more_workers_than_the_cluster_can_place_is_a_clear_error_not_a_hang(local_ray, tiny_path):
+    from agents.generation.distributed import WorkerPool
+
+    t0 = time.perf_counter()
+    with pytest.raises(ValueError, match="2 rollout workers of 2 CPUs each need 4 CPUs, but the Ray cluster has 2"):
+        WorkerPool(_policy(tiny_path), 2, threads_per_worker=2)
+    assert time.perf_counter() - t0 < 60
+    assert local_ray.is_initialized()  # a cluster the pool did not start is left running
+
+
 def test_an_unreachable_cluster_is_a_clear_error_at_once():
     from agents.generation.distributed import RayUnavailableError, probe_address
 

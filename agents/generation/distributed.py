@@ -165,6 +165,10 @@ class WorkerPool:
         timeout_s: deadline of one shard; a worker that has not answered by then is
             treated as dead.
         max_retries: times one shard is redone before the call fails.
+
+    Raises:
+        ValueError: ``workers`` times the threads per worker exceeds the cluster's CPUs (Ray
+            could not place every actor, and the pool would wait for them forever).
     """
 
     def __init__(
@@ -184,6 +188,14 @@ class WorkerPool:
         ray = self.ray
         cpus = int(ray.cluster_resources().get("CPU", os.cpu_count() or 1))
         self.threads = max(1, threads_per_worker or cpus // workers)
+        if workers * self.threads > cpus:
+            # Ray would queue the actors that do not fit and the pool would wait for them forever.
+            if self.owns_ray:
+                ray.shutdown()
+            raise ValueError(
+                f"{workers} rollout workers of {self.threads} CPUs each need {workers * self.threads} CPUs, "
+                f"but the Ray cluster has {cpus}: use fewer workers or threads per worker, or a larger cluster"
+            )
         self.timeout_s = float(timeout_s)
         self.max_retries = int(max_retries)
         self.actor_cls = ray.remote(num_cpus=self.threads, max_restarts=0)(_RolloutWorker)
