@@ -144,6 +144,14 @@ def test_the_credit_assignment_spec_is_the_study():
     assert quick.preset == "smoke" and len(quick.runs) == 8 and quick.cpus == 1
 
 
+def test_the_smollm2_credit_spec_is_the_same_study_on_the_small_preset():
+    spec = sweep.load_spec(ROOT / "benchmarks" / "credit_assignment_small.toml")
+    assert spec.preset == "small" and spec.equal_budget and len(spec.runs) == 12
+    assert len({sweep.warm_start_key(spec, r) for r in spec.runs}) == 3  # one SmolLM2 warm start per seed
+    quick = sweep.load_spec(ROOT / "benchmarks" / "credit_assignment_small.toml", quick=True)
+    assert quick.preset == "small" and sorted(r.values["algo"] for r in quick.runs) == ["grpo", "logo-grpo"]
+
+
 # ----------------------------------------------------------------------------- the table's maths
 
 
