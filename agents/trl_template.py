@@ -76,7 +76,7 @@ TOOL_CHAT_TEMPLATE = (
         {{- (tool['function']['name'] if tool['function'] is defined else tool['name']) + (', ' if not loop.last else '.') -}}
     {%- endfor -%}
     {{- '\nTo call a function, write a block like this one, one block per call:\n<tool_call>\n{"name": ' + (first['name'] | tojson) + ', "arguments": {' -}}
-    {%- for arg in required -%}{{- (arg | tojson) + ': "..."' + (', ' if not loop.last else '') -}}{%- endfor -%}
+    {%- for arg in required -%}{{- (arg | tojson) + ': "<' + arg + '>"' + (', ' if not loop.last else '') -}}{%- endfor -%}
     {{- '}}\n</tool_call>\nThe results come back between <tool_response> and </tool_response>.' -}}
 {%- endif -%}
 {{- '<|im_end|>\n' -}}

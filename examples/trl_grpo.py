@@ -70,13 +70,15 @@ def dry_run(horizon: int, rows: int) -> None:
         print(f"seed {seed}: reward {reward:.3f}")
 
 
-def build_trainer(args: argparse.Namespace, *, reward_funcs=(reply_stats,), rows: list[dict] | None = None):
+def build_trainer(args: argparse.Namespace, *, reward_funcs=(reply_stats,), rows: list[dict] | None = None,
+                  env_kwargs: dict | None = None):
     """The ``GRPOTrainer`` for ``args`` and the list that collects every env it makes.
 
     The reward is the env's (``MemoryToolEnv.get_reward``); ``reward_funcs`` come on top, and the
     default, :func:`agents.trl_adapter.reply_stats`, only logs how many replies held a tool call.
     ``rows`` name the episodes (``seed``, ``task`` or ``state`` columns, one key set for all);
     default: ``{"seed": i}`` for ``i < args.rows``. Each gets the ``DEFAULT_PROMPT`` prompt.
+    ``env_kwargs`` go to every ``MemoryToolEnv`` (``MemSession-v0`` settings such as ``bloat_tau``).
 
     Raises:
         ValueError: TRL's "does not support tool calling" error, with a hint about
@@ -118,6 +120,7 @@ def build_trainer(args: argparse.Namespace, *, reward_funcs=(reply_stats,), rows
         max_steps=args.max_steps,
         learning_rate=args.learning_rate,
         temperature=args.temperature,
+        top_k=args.top_k,
         seed=args.seed,
         **{checkpointing: args.gradient_checkpointing},
         chat_template_kwargs={"start_with_tool_call": True} if args.start_with_tool_call else None,
@@ -129,7 +132,7 @@ def build_trainer(args: argparse.Namespace, *, reward_funcs=(reply_stats,), rows
     envs: list[MemoryToolEnv] = []
 
     def make_env() -> MemoryToolEnv:  # TRL calls it with no arguments; keep each env for the summary
-        env = MemoryToolEnv(horizon=args.horizon, max_questions=args.max_questions)
+        env = MemoryToolEnv(**{"horizon": args.horizon, "max_questions": args.max_questions, **(env_kwargs or {})})
         envs.append(env)
         return env
 
@@ -174,7 +177,7 @@ def episode_totals(episodes: list[dict]) -> dict:
         "tool_errors": sum(h["tool_errors"] for h in episodes),
         "env_operations": dict(ops),
         "finished_by_model": sum(h["finished_by_model"] for h in episodes),
-        "episode_rewards": [round(h["reward"], 4) for h in episodes],
+        "episode_rewards": [h["reward"] for h in episodes],
     }
 
 
@@ -282,6 +285,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--max-steps", type=int, default=50)
     p.add_argument("--learning-rate", type=float, default=1e-6)
     p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0,
+                   help="sample from the k most likely tokens only (0: the whole vocabulary, TRL's default; transformers' "
+                        "generate() default is 50)")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--gradient-checkpointing", action="store_true", help="trade compute for memory (off: small models)")
     p.add_argument("--no-save", dest="save", action="store_false", help="do not save the trained model")

@@ -311,38 +311,16 @@ def test_example_without_tool_template_gives_trls_error_and_our_hint(tmp_path):
 # ---------------------------------------------------------------------------------------------
 
 
-def bloated_state(seed: int) -> str:
-    """An encoded state after the first slice of task ``seed``, with a memory long enough to be
-    penalised: from there each added memory changes the episode's return."""
-    from agents.trl_adapter import encode_state
-
-    env = MemoryToolEnv(horizon=H)
-    env.reset(seed=seed)
-    for _ in range(2):
-        env.add_memory("Filler: " + " ".join(f"word{j}" for j in range(30)), "Marta")
-    env.next_turns()
-    state = encode_state(env.env.unwrapped.save_state())
-    rewards = []
-    for adds in (0, 1):
-        probe = MemoryToolEnv(horizon=H)
-        probe.reset(state=state)
-        for _ in range(adds):
-            probe.add_memory("A note.", "Marta")
-        rewards.append(probe.get_reward())
-    assert rewards[0] != rewards[1], rewards  # the premise of the test
-    return state
-
-
 @pytest.mark.slow
 def test_trl_grpo_trains_smollm2_through_the_tools(tmp_path):
     """2 real GRPO steps of TRL's trainer on SmolLM2-135M-Instruct, on the CPU, with the project's
     template: the model's tool calls are parsed by TRL and run against the env, the reward TRL
     trains on is the env's episode return, and the weights move. About 5-10 minutes on 2 cores.
 
-    The episodes start from a saved state whose memory is already over the bloat threshold, so
-    every memory the model adds changes the env's reward: a group's rollouts then differ whenever
-    some add a memory and others do not (from a fresh start this model's reward is almost always
-    0, and GRPO has no gradient when a group's rewards are equal)."""
+    The env's bloat threshold is set to 0 (``bloat_tau=0``: every stored word costs reward), so each
+    memory the model adds changes the episode's return and a group's rollouts differ whenever some
+    add a memory and others do not. With the default threshold this model's reward is almost
+    always 0 at horizon 2, and GRPO has no gradient when a group's rewards are equal."""
     pytest.importorskip("trl")
     pytest.importorskip("datasets")
     torch = pytest.importorskip("torch")
@@ -351,15 +329,19 @@ def test_trl_grpo_trains_smollm2_through_the_tools(tmp_path):
     model = imported_path("smollm2-135m-instruct")
     if model is None:
         pytest.skip("SmolLM2-135M-Instruct is not imported (memr2 models import smollm2-135m-instruct; set MEMR2_HOME)")
+    probe = MemoryToolEnv(horizon=H, bloat_tau=0.0)
+    probe.reset(seed=0)
+    probe.add_memory("A note.", "Marta")
+    assert probe.get_reward() < 0  # the premise: a memory costs reward
     example = load_example()
     args = example_args(
         model, tmp_path / "run", "--tool-template", "--start-with-tool-call", "--device", "cpu", "--threads", "1",
         "--num-generations", "6", "--max-steps", "2", "--max-completion-length", "96", "--max-tool-calls", "2",
-        "--temperature", "0.7", "--learning-rate", "1e-5", "--seed", "0",
+        "--temperature", "0.7", "--top-k", "50", "--learning-rate", "1e-5", "--seed", "0",
     )
     threads = torch.get_num_threads()
     try:
-        trainer, envs = example.build_trainer(args, rows=[{"state": bloated_state(seed)} for seed in (0, 1)])
+        trainer, envs = example.build_trainer(args, rows=[{"seed": 0}, {"seed": 1}], env_kwargs={"bloat_tau": 0.0})
         before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
         trainer.train()
     finally:
