@@ -12,7 +12,7 @@ from dataclasses import dataclass, replace
 
 from agents.rl.curriculum import Stage
 
-__all__ = ["TrainPreset", "PRESETS", "task_seeds", "make_env_fn"]
+__all__ = ["TrainPreset", "PRESETS", "task_seeds", "make_env_fn", "without_curriculum"]
 
 
 @dataclass(frozen=True)
@@ -124,6 +124,11 @@ PRESETS: dict[str, TrainPreset] = {
         sft_steps=80, sft_batch=8, sft_lr=5e-5, sft_tasks=64, sft_horizon=4, sft_probes=16,
     ),
 }
+
+
+def without_curriculum(preset: TrainPreset) -> TrainPreset:
+    """The same number of steps, all at the last stage's horizon (``memr2 train --no-curriculum``)."""
+    return replace(preset, stages=(Stage(preset.stages[-1].horizon, sum(s.steps for s in preset.stages)),))
 
 
 def task_seeds(seed: int, preset: TrainPreset) -> dict[str, list[int]]:

@@ -61,8 +61,8 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from agents.presets import PRESETS, TrainPreset
-from agents.rl.curriculum import Stage, parse_stages
+from agents.presets import PRESETS, TrainPreset, without_curriculum
+from agents.rl.curriculum import parse_stages
 
 __all__ = [
     "add_arguments", "run", "SpecError", "SweepSpec", "RunSpec", "load_spec", "parse_spec", "run_sweep",
@@ -351,7 +351,7 @@ def resolve(spec: SweepSpec, run: RunSpec) -> tuple[TrainPreset, dict[str, Any]]
     overrides = {k: _convert(k, v) for k, v in run.settings.items() if k in PRESET_SETTINGS}
     preset = replace(preset, **overrides)
     if not run.settings.get("curriculum", True):
-        preset = replace(preset, stages=(Stage(preset.stages[-1].horizon, sum(s.steps for s in preset.stages)),))
+        preset = without_curriculum(preset)
     model = run.settings.get("model")
     if model is not None and Path(model).expanduser().exists():  # a directory: absolute, as tasks may run elsewhere
         model = str(Path(model).expanduser().resolve())

@@ -30,8 +30,8 @@ from typing import Any
 
 from agents.policy.models import ModelImportError, resolve_model
 from agents.policy.precision import add_dtype_argument, describe_dtype
-from agents.presets import PRESETS, TrainPreset, make_env_fn, task_seeds
-from agents.rl.curriculum import Stage, parse_stages
+from agents.presets import PRESETS, TrainPreset, make_env_fn, task_seeds, without_curriculum
+from agents.rl.curriculum import parse_stages
 
 __all__ = ["add_arguments", "run", "train"]
 
@@ -68,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
     if args.stages:
         preset = replace(preset, stages=parse_stages(args.stages))
     if args.no_curriculum:
-        preset = replace(preset, stages=(Stage(preset.stages[-1].horizon, sum(s.steps for s in preset.stages)),))
+        preset = without_curriculum(preset)
     if args.n_rollouts:
         preset = replace(preset, n_rollouts=args.n_rollouts)
     if args.rollout_batch is not None:
