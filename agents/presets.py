@@ -121,7 +121,7 @@ PRESETS: dict[str, TrainPreset] = {
         stages=(Stage(2, 6), Stage(4, 4)), n_rollouts=4, m_reruns=3, p_local=0.5, max_questions=32, local_max_questions=8,
         lr=2e-5, epochs=1, micro_batch=8, kl_coef=0.01, temperature=0.7, max_new_tokens=160, slices_per_session=2,
         n_train=64, n_val=8, n_test=16, turns_per_session=(6, 8),
-        sft_steps=80, sft_batch=8, sft_lr=5e-5, sft_tasks=64, sft_horizon=4, sft_probes=16,
+        sft_steps=160, sft_batch=8, sft_lr=1e-4, sft_tasks=128, sft_horizon=4, sft_probes=16,
     ),
 }
 

@@ -12,7 +12,10 @@ with its own bootstrap CI, which is what "RL improved on the warm start" has to 
         --checkpoint warm=runs/small-logo-grpo-s0/warm_start --checkpoint rl=runs/small-logo-grpo-s0/final \\
         --out runs/held-out-small
 
-Writes ``held_out.json`` and ``held_out.md`` under ``--out``.
+Writes ``held_out.json`` and ``held_out.md`` under ``--out``. Agents evaluated in separate calls
+on the same conversations (say one RL seed per call) merge into one report, with paired
+differences and the difference of the seeds' mean, by
+``python benchmarks/held_out.py --combine A/held_out.json B/held_out.json ... --out DIR``.
 """
 
 from __future__ import annotations
@@ -47,8 +50,14 @@ def main() -> None:
     parser.add_argument("--horizon", type=int, default=8)
     parser.add_argument("--checkpoint", action="append", default=[], metavar="NAME=DIR", help="a SharedPolicy directory (repeatable)")
     parser.add_argument("--dtype", default=None, help="dtype of the checkpoints (default: the preset's)")
+    parser.add_argument("--device", default="cpu", help="torch device of the checkpoints (cpu, cuda)")
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--combine", nargs="+", type=Path, metavar="JSON",
+                        help="merge these held_out.json files (same conversations) instead of evaluating")
     args = parser.parse_args()
+    if args.combine:
+        combine(args.combine, args.out)
+        return
 
     preset = PRESETS[args.preset]
     seeds = task_seeds(args.seed, preset)["test"]
@@ -61,16 +70,25 @@ def main() -> None:
         rows[name] = agent_final_score(agent, env_fn, tasks, per_task=True)
     for spec in args.checkpoint:
         name, _, path = spec.partition("=")
-        policy = SharedPolicy.from_pretrained(path, prompt_style=preset.prompt_style, dtype=args.dtype or preset.dtype)
+        policy = SharedPolicy.from_pretrained(path, device=args.device, prompt_style=preset.prompt_style, dtype=args.dtype or preset.dtype)
         t = time.perf_counter()
         rows[name] = validate(policy, env_fn, tasks, max_new_tokens=preset.max_new_tokens, per_task=True, max_batch=preset.rollout_batch)
         rows[name]["wall_s"] = time.perf_counter() - t
         print(f"{name}: F1 {rows[name]['f1']:.3f} ({rows[name]['wall_s']:.0f} s)", flush=True)
 
     names = [spec.partition("=")[0] for spec in args.checkpoint]
+    meta = {"preset": args.preset, "seed": args.seed, "episodes": args.episodes, "horizon": args.horizon,
+            "slices": preset.slices_per_session}
+    write_report(rows, names, meta, args.out, {k: str(v) for k, v in vars(args).items()})
+
+
+def write_report(rows: dict, names: list[str], meta: dict, out: Path, args: dict) -> None:
+    """Write ``held_out.json`` and ``held_out.md``: per-agent F1 with bootstrap CIs, then the paired
+    difference of every checkpoint after the first to the first; with three or more checkpoints,
+    also the difference of their per-conversation mean (e.g. several RL seeds) to the first."""
     lines = [
-        f"Preset `{args.preset}`, run seed {args.seed}: {args.episodes} held-out test conversations, horizon {args.horizon}, "
-        f"{preset.slices_per_session} slices per session, greedy decoding, final-mode F1 (extractive reader).",
+        f"Preset `{meta['preset']}`, run seed {meta['seed']}: {meta['episodes']} held-out test conversations, horizon "
+        f"{meta['horizon']}, {meta['slices']} slices per session, greedy decoding, final-mode F1 (extractive reader).",
         "",
         "| agent | F1 | 95% CI | memory entries | parse errors |",
         "|---|---:|---:|---:|---:|",
@@ -80,6 +98,7 @@ def main() -> None:
         row["ci95"] = [lo, hi]
         parse = row.get("parse_error_rate")
         lines.append(f"| {name} | {row['f1']:.3f} | [{lo:.3f}, {hi:.3f}] | {row['memory_size']:.1f} | {'-' if parse is None else f'{parse:.1%}'} |")
+    summary = {}
     if len(names) > 1:
         lines += ["", "| paired difference (same conversations) | mean | 95% CI |", "|---|---:|---:|"]
         base = np.asarray(rows[names[0]]["f1_per_task"])
@@ -88,10 +107,40 @@ def main() -> None:
             lo, hi = bootstrap_ci(diff)
             rows[name]["diff_to_" + names[0]] = {"mean": float(diff.mean()), "ci95": [lo, hi]}
             lines.append(f"| {name} - {names[0]} | {diff.mean():+.3f} | [{lo:+.3f}, {hi:+.3f}] |")
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "held_out.json").write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "rows": rows}, indent=2))
-    (args.out / "held_out.md").write_text("\n".join(lines) + "\n")
+        if len(names) > 2:
+            pooled = np.mean([rows[name]["f1_per_task"] for name in names[1:]], axis=0) - base
+            lo, hi = bootstrap_ci(pooled)
+            label = f"mean of {', '.join(names[1:])} - {names[0]}"
+            summary = {"label": label, "mean": float(pooled.mean()), "ci95": [lo, hi]}
+            lines.append(f"| {label} | {pooled.mean():+.3f} | [{lo:+.3f}, {hi:+.3f}] |")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "held_out.json").write_text(json.dumps({"args": args, "meta": meta, "checkpoints": names, "rows": rows, "pooled": summary}, indent=2))
+    (out / "held_out.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+
+
+def combine(paths: list[Path], out: Path) -> None:
+    """Merge several ``held_out.json`` files of the same conversations into one report (agents
+    evaluated in separate calls, e.g. one RL seed per call); the first file's first checkpoint is
+    the base of the paired differences."""
+    rows: dict = {}
+    names: list[str] = []
+    meta = None
+    for path in paths:
+        data = json.loads(Path(path).read_text())
+        this = data.get("meta")
+        if this is None:
+            raise SystemExit(f"{path}: no 'meta' entry; rerun held_out.py to make it")
+        if meta is not None and this != meta:
+            raise SystemExit(f"{path}: played {this}, not the same conversations as the first file ({meta})")
+        meta = this
+        for name, row in data["rows"].items():
+            if name in rows:
+                continue
+            rows[name] = row
+            if name in data.get("checkpoints", []):
+                names.append(name)
+    write_report(rows, names, meta, out, {"combine": [str(p) for p in paths], "out": str(out)})
 
 
 if __name__ == "__main__":

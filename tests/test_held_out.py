@@ -1,0 +1,49 @@
+"""benchmarks/held_out.py --combine: agents evaluated in separate calls on the same held-out
+conversations merge into one report with paired differences."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "held_out.py"
+
+
+@pytest.fixture(scope="module")
+def held_out():
+    spec = importlib.util.spec_from_file_location("held_out_script", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+META = {"preset": "small", "seed": 0, "episodes": 3, "horizon": 8, "slices": 2}
+
+
+def _report(path: Path, rows: dict, checkpoints: list[str], meta=META) -> Path:
+    path.mkdir(parents=True)
+    full = {name: {"f1": sum(f) / len(f), "f1_per_task": f, "memory_size": 1.0} for name, f in rows.items()}
+    (path / "held_out.json").write_text(json.dumps({"meta": meta, "checkpoints": checkpoints, "rows": full}))
+    return path / "held_out.json"
+
+
+def test_combine_pairs_each_run_with_the_first_checkpoint_and_pools_the_seeds(held_out, tmp_path):
+    a = _report(tmp_path / "a", {"teacher": [0.5, 0.5, 0.5], "warm": [0.2, 0.4, 0.6]}, ["warm"])
+    b = _report(tmp_path / "b", {"teacher": [0.5, 0.5, 0.5], "rl-s0": [0.3, 0.5, 0.7]}, ["rl-s0"])
+    c = _report(tmp_path / "c", {"teacher": [0.9, 0.9, 0.9], "rl-s1": [0.2, 0.6, 0.8]}, ["rl-s1"])
+    held_out.combine([a, b, c], tmp_path / "out")
+    data = json.loads((tmp_path / "out" / "held_out.json").read_text())
+    assert data["checkpoints"] == ["warm", "rl-s0", "rl-s1"]
+    assert data["rows"]["teacher"]["f1"] == pytest.approx(0.5)  # the first file's baseline row is kept
+    assert data["rows"]["rl-s0"]["diff_to_warm"]["mean"] == pytest.approx(0.1)
+    assert data["rows"]["rl-s0"]["diff_to_warm"]["ci95"] == pytest.approx([0.1, 0.1])
+    assert data["pooled"]["mean"] == pytest.approx((0.1 + 0.4 / 3) / 2)  # rl-s1 - warm: 0, 0.2, 0.2
+    assert "rl-s1 - warm" in (tmp_path / "out" / "held_out.md").read_text()
+
+
+def test_combine_refuses_reports_of_different_conversations(held_out, tmp_path):
+    a = _report(tmp_path / "a", {"warm": [0.2, 0.4, 0.6]}, ["warm"])
+    b = _report(tmp_path / "b", {"rl": [0.3, 0.5, 0.7]}, ["rl"], meta={**META, "horizon": 4})
+    with pytest.raises(SystemExit, match="not the same conversations"):
+        held_out.combine([a, b], tmp_path / "out")
