@@ -102,17 +102,19 @@ def write_report(rows: dict, names: list[str], meta: dict, out: Path, args: dict
     if len(names) > 1:
         lines += ["", "| paired difference (same conversations) | mean | 95% CI |", "|---|---:|---:|"]
         base = np.asarray(rows[names[0]]["f1_per_task"])
+
+        def difference(label: str, diff: np.ndarray) -> dict:
+            lo, hi = bootstrap_ci(diff)
+            lines.append(f"| {label} | {diff.mean():+.3f} | [{lo:+.3f}, {hi:+.3f}] |")
+            return {"mean": float(diff.mean()), "ci95": [lo, hi]}
+
         for name in names[1:]:
             diff = np.asarray(rows[name]["f1_per_task"]) - base
-            lo, hi = bootstrap_ci(diff)
-            rows[name]["diff_to_" + names[0]] = {"mean": float(diff.mean()), "ci95": [lo, hi]}
-            lines.append(f"| {name} - {names[0]} | {diff.mean():+.3f} | [{lo:+.3f}, {hi:+.3f}] |")
+            rows[name]["diff_to_" + names[0]] = difference(f"{name} - {names[0]}", diff)
         if len(names) > 2:
-            pooled = np.mean([rows[name]["f1_per_task"] for name in names[1:]], axis=0) - base
-            lo, hi = bootstrap_ci(pooled)
             label = f"mean of {', '.join(names[1:])} - {names[0]}"
-            summary = {"label": label, "mean": float(pooled.mean()), "ci95": [lo, hi]}
-            lines.append(f"| {label} | {pooled.mean():+.3f} | [{lo:+.3f}, {hi:+.3f}] |")
+            pooled = np.mean([rows[name]["f1_per_task"] for name in names[1:]], axis=0) - base
+            summary = {"label": label, **difference(label, pooled)}
     out.mkdir(parents=True, exist_ok=True)
     (out / "held_out.json").write_text(json.dumps({"args": args, "meta": meta, "checkpoints": names, "rows": rows, "pooled": summary}, indent=2))
     (out / "held_out.md").write_text("\n".join(lines) + "\n")
