@@ -50,6 +50,7 @@ def main() -> None:
     parser.add_argument("--horizon", type=int, default=8)
     parser.add_argument("--checkpoint", action="append", default=[], metavar="NAME=DIR", help="a SharedPolicy directory (repeatable)")
     parser.add_argument("--dtype", default=None, help="dtype of the checkpoints (default: the preset's)")
+    parser.add_argument("--max-new-tokens", type=int, default=None, help="most tokens per action (default: the preset's)")
     parser.add_argument("--device", default="cpu", help="torch device of the checkpoints (cpu, cuda)")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--combine", nargs="+", type=Path, metavar="JSON",
@@ -60,6 +61,7 @@ def main() -> None:
         return
 
     preset = PRESETS[args.preset]
+    max_new_tokens = args.max_new_tokens or preset.max_new_tokens
     seeds = task_seeds(args.seed, preset)["test"]
     if not 1 <= args.episodes <= len(seeds):
         raise SystemExit(f"--episodes must be between 1 and {len(seeds)} (the preset's n_test)")
@@ -72,13 +74,13 @@ def main() -> None:
         name, _, path = spec.partition("=")
         policy = SharedPolicy.from_pretrained(path, device=args.device, prompt_style=preset.prompt_style, dtype=args.dtype or preset.dtype)
         t = time.perf_counter()
-        rows[name] = validate(policy, env_fn, tasks, max_new_tokens=preset.max_new_tokens, per_task=True, max_batch=preset.rollout_batch)
+        rows[name] = validate(policy, env_fn, tasks, max_new_tokens=max_new_tokens, per_task=True, max_batch=preset.rollout_batch)
         rows[name]["wall_s"] = time.perf_counter() - t
         print(f"{name}: F1 {rows[name]['f1']:.3f} ({rows[name]['wall_s']:.0f} s)", flush=True)
 
     names = [spec.partition("=")[0] for spec in args.checkpoint]
     meta = {"preset": args.preset, "seed": args.seed, "episodes": args.episodes, "horizon": args.horizon,
-            "slices": preset.slices_per_session}
+            "slices": preset.slices_per_session, "max_new_tokens": max_new_tokens}
     write_report(rows, names, meta, args.out, {k: str(v) for k, v in vars(args).items()})
 
 
@@ -88,16 +90,17 @@ def write_report(rows: dict, names: list[str], meta: dict, out: Path, args: dict
     also the difference of their per-conversation mean (e.g. several RL seeds) to the first."""
     lines = [
         f"Preset `{meta['preset']}`, run seed {meta['seed']}: {meta['episodes']} held-out test conversations, horizon "
-        f"{meta['horizon']}, {meta['slices']} slices per session, greedy decoding, final-mode F1 (extractive reader).",
+        f"{meta['horizon']}, {meta['slices']} slices per session, greedy decoding"
+        f"{'' if meta.get('max_new_tokens') is None else ' of at most ' + str(meta['max_new_tokens']) + ' tokens per action'}, final-mode F1 (extractive reader).",
         "",
-        "| agent | F1 | 95% CI | memory entries | parse errors |",
-        "|---|---:|---:|---:|---:|",
+        "| agent | F1 | 95% CI | memory entries | parse errors | truncated |",
+        "|---|---:|---:|---:|---:|---:|",
     ]
     for name, row in rows.items():
         lo, hi = bootstrap_ci(row["f1_per_task"])
         row["ci95"] = [lo, hi]
-        parse = row.get("parse_error_rate")
-        lines.append(f"| {name} | {row['f1']:.3f} | [{lo:.3f}, {hi:.3f}] | {row['memory_size']:.1f} | {'-' if parse is None else f'{parse:.1%}'} |")
+        parse, cut = (("-" if row.get(k) is None else f"{row[k]:.1%}") for k in ("parse_error_rate", "truncated_rate"))
+        lines.append(f"| {name} | {row['f1']:.3f} | [{lo:.3f}, {hi:.3f}] | {row['memory_size']:.1f} | {parse} | {cut} |")
     summary = {}
     if len(names) > 1:
         lines += ["", "| paired difference (same conversations) | mean | 95% CI |", "|---|---:|---:|"]

@@ -57,7 +57,8 @@ def validate(
     decoded at once (see :class:`agents.generation.rollout.RolloutEngine`).
 
     Returns mean ``f1``, ``bleu1``, ``penalty``, ``reward`` (f1 - penalty), ``memory_size``,
-    ``m_fail``, the share of actions that failed to parse, and generated tokens; with
+    ``m_fail``, the share of actions that failed to parse, the share cut at ``max_new_tokens``
+    (``truncated_rate``; such an action almost always fails to parse), and generated tokens; with
     ``per_task``, also ``f1_per_task`` (one mean F1 per task, in order) for confidence intervals
     over conversations.
     """
@@ -85,6 +86,7 @@ def validate(
         "memory_size": float(np.mean(size)),
         "m_fail": float(np.mean(mfail)) if mfail else 0.0,
         "parse_error_rate": float(np.mean([t.parse_error is not None for t in turns])) if turns else 0.0,
+        "truncated_rate": float(np.mean([t.finish_reason == "length" for t in turns])) if turns else 0.0,
         "generated_tokens": float(engine.timing["generated_tokens"]),
     }
     if per_task:
