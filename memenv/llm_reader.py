@@ -90,6 +90,7 @@ You may think first in one or two sentences. Then write the final answer inside 
 MISSING_ANSWER_POLICIES = ("raise", "penalty")
 
 _ANSWER = re.compile(r"<answer>(.*?)</answer>", re.IGNORECASE | re.DOTALL)
+_PREFILL = "<answer>"
 _CACHE_FORMAT = "memr2-reader-cache"
 
 
@@ -244,6 +245,12 @@ class HFReaderBackend:
             accelerators, float32 on CPU).
         max_new_tokens: most tokens per reply.
         batch_size: prompts per ``generate`` call.
+        prefill_answer: start every reply with ``<answer>`` (answer prefilling) for small models
+            that do not follow the tag instruction (SmolLM2-135M never writes the tags on its
+            own). The model then only continues the answer; its reply is returned as
+            ``<answer>`` + the continuation, closed with ``</answer>`` at the first line break
+            (or at the end) when the model does not close it, so the answer is the first line
+            it writes. The model cannot think before answering in this mode.
 
     Prompts are wrapped in the tokenizer's chat template as one user message when it has one,
     and fed as plain text otherwise.
@@ -258,6 +265,7 @@ class HFReaderBackend:
         dtype: Any = None,
         max_new_tokens: int = 128,
         batch_size: int = 8,
+        prefill_answer: bool = False,
     ) -> None:
         if batch_size < 1 or max_new_tokens < 1:
             raise ValueError("batch_size and max_new_tokens must be >= 1")
@@ -293,15 +301,28 @@ class HFReaderBackend:
         if pad is None:
             raise ValueError("the tokenizer has neither a pad nor an eos token")
         self._pad_id = int(pad)
-        self.cache_id = f"hf:{name}:max_new_tokens={self.max_new_tokens}"
+        self.prefill_answer = bool(prefill_answer)
+        self.cache_id = f"hf:{name}:max_new_tokens={self.max_new_tokens}" + (":prefill_answer" if self.prefill_answer else "")
 
     def _encode(self, prompt: str) -> list[int]:
         if getattr(self.tokenizer, "chat_template", None):
             text = self.tokenizer.apply_chat_template(
                 [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False
             )
+            if self.prefill_answer:
+                text += _PREFILL
             return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
-        return list(self.tokenizer(prompt)["input_ids"])
+        return list(self.tokenizer(prompt + ("\n" + _PREFILL if self.prefill_answer else ""))["input_ids"])
+
+    def _finish(self, continuation: str) -> str:
+        """The reply as returned: the raw text, or with prefilling the prefix, the answer's first
+        line and a closing tag when the model did not write one."""
+        if not self.prefill_answer:
+            return continuation
+        reply = _PREFILL + continuation
+        if extract_answer(reply) is None:
+            reply = _PREFILL + continuation.strip().split("\n", 1)[0] + "</answer>"
+        return reply
 
     def complete(self, prompts: Sequence[str]) -> list[str]:
         import torch
@@ -326,7 +347,7 @@ class HFReaderBackend:
                     )
             except (RuntimeError, ValueError) as e:  # out of memory, context too long, ...
                 raise ReaderError(f"HF reader {self.cache_id} failed to generate: {e}") from e
-            replies.extend(self.tokenizer.decode(row[width:], skip_special_tokens=True) for row in out.tolist())
+            replies.extend(self._finish(self.tokenizer.decode(row[width:], skip_special_tokens=True)) for row in out.tolist())
         return replies
 
 

@@ -97,6 +97,7 @@ def test_max_questions_caps_each_conversation(tmp_path):
         (["--agent", "oracle", "--reader", "openai:http://127.0.0.1:1"], "URL#MODEL"),
         (["--agent", "store-turns", "--data", "locomo:/no/such/file.json"], "No such file"),
         (["--agent", "store-turns", "--reader", "hf:/no/such/model"], "never downloads"),
+        (["--agent", "oracle", "--reader", "openai:http://127.0.0.1:1#m", "--reader-prefill"], "--reader-prefill needs --reader hf:"),
         (["--agent", "checkpoint:/no/such/dir"], "does not exist"),
     ],
 )

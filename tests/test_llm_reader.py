@@ -326,3 +326,29 @@ def test_hf_backend_decodes_only_the_new_tokens(tiny_hf):
     reader = LLMReader(backend)
     qs = [f"Question number {i} about Alice?" for i in range(5)]
     assert reader.answer_many(qs, _bank()) == ["Paris"] * 5
+
+
+@pytest.mark.parametrize(("continuation", "expected"), [("Paris</answer> because", "Paris"), ("Paris\nThe memories say", "Paris"), (" Rex", "Rex"), ("", "")])
+def test_hf_backend_prefill_answer(tiny_hf, continuation, expected):
+    """With answer prefilling the prompt ends with <answer>; the reply is closed at the model's
+    own </answer>, else at its first line break."""
+    import torch
+
+    model, tokenizer = tiny_hf
+    prefix = tokenizer("<answer>", add_special_tokens=False)["input_ids"]
+    tail_ids = tokenizer(continuation, add_special_tokens=False)["input_ids"] if continuation else []
+
+    class Scripted(torch.nn.Module):
+        config = model.config
+
+        def generate(self, input_ids, attention_mask, **kwargs):
+            assert input_ids[:, -len(prefix):].tolist() == [prefix] * input_ids.shape[0]
+            tail = torch.tensor([tail_ids] * input_ids.shape[0], dtype=torch.long).reshape(input_ids.shape[0], len(tail_ids))
+            return torch.cat([input_ids, tail], dim=1)
+
+    plain = HFReaderBackend(Scripted(), tokenizer, device="cpu")
+    backend = HFReaderBackend(Scripted(), tokenizer, device="cpu", prefill_answer=True)
+    assert backend.cache_id != plain.cache_id  # cached replies of one mode are never reused by the other
+    reply = backend.complete(["Where does Alice live?"])[0]
+    assert reply.startswith("<answer>")
+    assert LLMReader(backend).answer("Where does Alice live?", _bank()) == expected

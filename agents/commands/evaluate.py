@@ -218,6 +218,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--reader", default="extractive", help="extractive (default), hf:PATH (local model directory) or openai:URL#MODEL")
     parser.add_argument("--reader-k", type=int, default=30, help="LLM reader: memories retrieved per speaker (default 30)")
     parser.add_argument("--reader-cache", default=None, help="LLM reader: JSON cache of replies (default OUT/reader_cache.json)")
+    parser.add_argument("--reader-prefill", action="store_true", help="hf: reader: start each reply with <answer> so that a small model only writes the answer (its first line); for models such as SmolLM2-135M that never write the tags")
     parser.add_argument("--reader-on-missing", choices=("raise", "penalty"), default="raise", help="LLM reader: a reply without <answer> tags fails the run (raise, default) or scores 0 and is counted (penalty)")
     parser.add_argument("--judge", default=None, help="URL#MODEL of an OpenAI-compatible endpoint for the LLM-judge accuracy J")
     parser.add_argument("--api-key-env", default=None, help="name of an environment variable holding the API key for --reader openai: and --judge")
@@ -507,8 +508,17 @@ def _make_reader(args, spec: tuple[str, ...], unknown_answer: str) -> tuple[Any,
     from memenv.llm_reader import HFReaderBackend, LLMReader, OpenAIReaderBackend
 
     if spec[0] == "hf":
-        backend = HFReaderBackend(spec[1], device=args.device)
+        from agents.policy.precision import resolve_dtype
+
+        device = _device(args.device)
+        try:
+            dtype = resolve_dtype(args.dtype, device) if getattr(args, "dtype", None) else None
+        except ValueError as err:
+            raise EvalError(f"--dtype: {err}") from err
+        backend = HFReaderBackend(spec[1], device=device, dtype=dtype, prefill_answer=args.reader_prefill)
     else:
+        if args.reader_prefill:
+            raise EvalError("--reader-prefill needs --reader hf:PATH (an OpenAI-compatible server owns its reply)")
         backend = OpenAIReaderBackend(spec[1], spec[2], api_key=_api_key(args))
     cache = args.reader_cache or (Path(args.out) / "reader_cache.json" if args.out else None)
     reader = LLMReader(backend, k=args.reader_k, cache_path=cache, on_missing_answer=args.reader_on_missing, unknown_answer=unknown_answer)
