@@ -56,6 +56,8 @@ __all__ = [
     "OpenAIReaderBackend",
     "READER_PROMPT",
     "READER_PROMPT_VERSION",
+    "REPLY_WITH_TAGS",
+    "REPLY_PREFILLED",
     "extract_answer",
     "MISSING_ANSWER_POLICIES",
 ]
@@ -66,8 +68,8 @@ log = logging.getLogger(__name__)
 #: to another prompt are never reused (the version is part of every cache key).
 READER_PROMPT_VERSION = 1
 
-#: The reader prompt, filled with ``memories`` (one block per speaker), ``question`` and
-#: ``unknown_answer``. Written in our own words after the protocol of the paper.
+#: The reader prompt, filled with ``memories`` (one block per speaker), ``question``,
+#: ``unknown_answer`` and ``reply_format`` (:data:`REPLY_WITH_TAGS` or :data:`REPLY_PREFILLED`). Written in our own words after the protocol of the paper.
 READER_PROMPT = """You answer questions about a long conversation between two people. You cannot see \
 the conversation itself, only memories that were written down while it happened. Each memory \
 starts with the date of the session it comes from.
@@ -83,8 +85,15 @@ using the date of the memory, and give the date or period.
 
 Question: {question}
 
-You may think first in one or two sentences. Then write the final answer inside \
+{reply_format}"""
+
+#: The end of :data:`READER_PROMPT` for a backend that writes its own tags.
+REPLY_WITH_TAGS = """You may think first in one or two sentences. Then write the final answer inside \
 <answer></answer>, for example <answer>Paris</answer>."""
+
+#: The end of :data:`READER_PROMPT` when the backend prefills ``<answer>`` (no example answer
+#: that a small model could copy, no room to think).
+REPLY_PREFILLED = "Write only the short answer, on one line."
 
 #: What the reader does with a reply that has no ``<answer>...</answer>``.
 MISSING_ANSWER_POLICIES = ("raise", "penalty")
@@ -247,10 +256,11 @@ class HFReaderBackend:
         batch_size: prompts per ``generate`` call.
         prefill_answer: start every reply with ``<answer>`` (answer prefilling) for small models
             that do not follow the tag instruction (SmolLM2-135M never writes the tags on its
-            own). The model then only continues the answer; its reply is returned as
-            ``<answer>`` + the continuation, closed with ``</answer>`` at the first line break
-            (or at the end) when the model does not close it, so the answer is the first line
-            it writes. The model cannot think before answering in this mode.
+            own). The prompt then asks for the short answer only (:data:`REPLY_PREFILLED`), the
+            model continues after ``<answer>`` and decoding stops at ``</answer>``; the reply is
+            ``<answer>`` + the first non-empty line it wrote (up to ``</answer>``) +
+            ``</answer>``. The model
+            cannot think before answering in this mode.
 
     Prompts are wrapped in the tokenizer's chat template as one user message when it has one,
     and fed as plain text otherwise.
@@ -302,6 +312,9 @@ class HFReaderBackend:
             raise ValueError("the tokenizer has neither a pad nor an eos token")
         self._pad_id = int(pad)
         self.prefill_answer = bool(prefill_answer)
+        # a prefilled answer ends at the closing tag at the latest: stop decoding there (not at a
+        # line break: small models often start their answer with one)
+        self._stops = {"stop_strings": ["</answer>"], "tokenizer": tokenizer} if self.prefill_answer else {}
         self.cache_id = f"hf:{name}:max_new_tokens={self.max_new_tokens}" + (":prefill_answer" if self.prefill_answer else "")
 
     def _encode(self, prompt: str) -> list[int]:
@@ -315,14 +328,14 @@ class HFReaderBackend:
         return list(self.tokenizer(prompt + ("\n" + _PREFILL if self.prefill_answer else ""))["input_ids"])
 
     def _finish(self, continuation: str) -> str:
-        """The reply as returned: the raw text, or with prefilling the prefix, the answer's first
-        line and a closing tag when the model did not write one."""
+        """The reply as returned: the raw text, or with prefilling ``<answer>`` + the
+        continuation's first non-empty line, up to the model's own ``</answer>``, +
+        ``</answer>``."""
         if not self.prefill_answer:
             return continuation
-        reply = _PREFILL + continuation
-        if extract_answer(reply) is None:
-            reply = _PREFILL + continuation.strip().split("\n", 1)[0] + "</answer>"
-        return reply
+        answer = continuation.lstrip().split("\n", 1)[0]
+        answer = re.split(r"</answer>", answer, maxsplit=1, flags=re.IGNORECASE)[0]
+        return _PREFILL + answer.strip() + "</answer>"
 
     def complete(self, prompts: Sequence[str]) -> list[str]:
         import torch
@@ -344,6 +357,7 @@ class HFReaderBackend:
                         do_sample=False,
                         max_new_tokens=self.max_new_tokens,
                         pad_token_id=self._pad_id,
+                        **self._stops,
                     )
             except (RuntimeError, ValueError) as e:  # out of memory, context too long, ...
                 raise ReaderError(f"HF reader {self.cache_id} failed to generate: {e}") from e
@@ -443,7 +457,8 @@ class LLMReader(Reader):
             lines = [f"- [{e.last_date}] {e.content}" if e.last_date else f"- {e.content}" for e in entries]
             blocks.append(f"Memories of {speaker}:\n" + "\n".join(lines))
         memories = "\n\n".join(blocks) if blocks else "Memories: (the memory is empty)"
-        return READER_PROMPT.format(memories=memories, question=question, unknown_answer=self.unknown_answer)
+        reply_format = REPLY_PREFILLED if getattr(self.backend, "prefill_answer", False) else REPLY_WITH_TAGS
+        return READER_PROMPT.format(memories=memories, question=question, unknown_answer=self.unknown_answer, reply_format=reply_format)
 
     # -- answering ---------------------------------------------------------------------------
 

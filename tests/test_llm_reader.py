@@ -14,6 +14,8 @@ import pytest
 
 from memenv.llm_reader import (
     HFReaderBackend,
+    REPLY_PREFILLED,
+    REPLY_WITH_TAGS,
     LLMReader,
     OpenAIReaderBackend,
     extract_answer,
@@ -328,7 +330,8 @@ def test_hf_backend_decodes_only_the_new_tokens(tiny_hf):
     assert reader.answer_many(qs, _bank()) == ["Paris"] * 5
 
 
-@pytest.mark.parametrize(("continuation", "expected"), [("Paris</answer> because", "Paris"), ("Paris\nThe memories say", "Paris"), (" Rex", "Rex"), ("", "")])
+@pytest.mark.parametrize(("continuation", "expected"), [("Paris</answer> because", "Paris"), ("Paris\nThe memories say", "Paris"), (" Rex", "Rex"), ("", ""), ("\n\nRex\nmore", "Rex"),
+                          ("Not known\n\nQuestion: ... <answer>Paris</answer>", "Not known")])
 def test_hf_backend_prefill_answer(tiny_hf, continuation, expected):
     """With answer prefilling the prompt ends with <answer>; the reply is closed at the model's
     own </answer>, else at its first line break."""
@@ -351,4 +354,9 @@ def test_hf_backend_prefill_answer(tiny_hf, continuation, expected):
     assert backend.cache_id != plain.cache_id  # cached replies of one mode are never reused by the other
     reply = backend.complete(["Where does Alice live?"])[0]
     assert reply.startswith("<answer>")
-    assert LLMReader(backend).answer("Where does Alice live?", _bank()) == expected
+    reader = LLMReader(backend)
+    assert reader.answer("Where does Alice live?", _bank()) == expected
+    # the prefilled prompt asks for the answer only and shows no example answer to copy
+    assert reader.prompt("Where does Alice live?", _bank()).endswith(REPLY_PREFILLED)
+    assert "for example" not in reader.prompt("Where does Alice live?", _bank())
+    assert LLMReader(plain).prompt("Where does Alice live?", _bank()).endswith(REPLY_WITH_TAGS)
