@@ -2,8 +2,8 @@
 
     memr2 eval --agent NAME [--noise P] --data synthetic|locomo:PATH|longmemeval:PATH
                [--split test] [--drop-adversarial] [--episodes N] [--seed S] [--horizon H]
-               [--slices N] [--reader extractive|hf:PATH|openai:URL#MODEL] [--judge URL#MODEL]
-               [--out DIR] [--max-questions N]
+               [--slices N] [--reader extractive|hf:PATH|openai:URL#MODEL] [--reader-prefill]
+               [--judge URL#MODEL] [--out DIR] [--max-questions N]
 
 Protocol. Every task is played once, from an empty memory, through its first ``horizon``
 sessions, in the env's ``final`` reward mode: no question is asked during the episode; after the
@@ -27,6 +27,10 @@ the final reward (F1 minus the bloat penalty). Scores are printed as percentages
 Agents: the scripted baselines of :mod:`agents.baselines` (``oracle``, ``add-only`` and
 ``noisy-teacher`` follow the gold operation log, which only synthetic tasks have) or
 ``checkpoint:PATH``, a :class:`agents.policy.SharedPolicy` directory decoding greedily.
+
+Readers: ``extractive`` (model-free, the default) or an LLM reader (:mod:`memenv.llm_reader`):
+``hf:PATH`` runs a local model, ``--reader-prefill`` starts its replies with ``<answer>`` for
+small models that never write the tags, and ``--dtype`` sets its precision.
 
 The module also keeps the plain building blocks: :func:`play_episode`, :class:`EpisodeSummary`
 and :func:`summarize`.
