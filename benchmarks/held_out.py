@@ -88,10 +88,11 @@ def write_report(rows: dict, names: list[str], meta: dict, out: Path, args: dict
     """Write ``held_out.json`` and ``held_out.md``: per-agent F1 with bootstrap CIs, then the paired
     difference of every checkpoint after the first to the first; with three or more checkpoints,
     also the difference of their per-conversation mean (e.g. several RL seeds) to the first."""
+    limit = meta.get("max_new_tokens")  # absent from reports written before it was recorded
+    decoding = "greedy decoding" if limit is None else f"greedy decoding of at most {limit} tokens per action"
     lines = [
         f"Preset `{meta['preset']}`, run seed {meta['seed']}: {meta['episodes']} held-out test conversations, horizon "
-        f"{meta['horizon']}, {meta['slices']} slices per session, greedy decoding"
-        f"{'' if meta.get('max_new_tokens') is None else ' of at most ' + str(meta['max_new_tokens']) + ' tokens per action'}, final-mode F1 (extractive reader).",
+        f"{meta['horizon']}, {meta['slices']} slices per session, {decoding}, final-mode F1 (extractive reader).",
         "",
         "| agent | F1 | 95% CI | memory entries | parse errors | truncated |",
         "|---|---:|---:|---:|---:|---:|",

@@ -69,7 +69,8 @@ log = logging.getLogger(__name__)
 READER_PROMPT_VERSION = 1
 
 #: The reader prompt, filled with ``memories`` (one block per speaker), ``question``,
-#: ``unknown_answer`` and ``reply_format`` (:data:`REPLY_WITH_TAGS` or :data:`REPLY_PREFILLED`). Written in our own words after the protocol of the paper.
+#: ``unknown_answer`` and ``reply_format`` (:data:`REPLY_WITH_TAGS` or :data:`REPLY_PREFILLED`).
+#: Written in our own words after the protocol of the paper.
 READER_PROMPT = """You answer questions about a long conversation between two people. You cannot see \
 the conversation itself, only memories that were written down while it happened. Each memory \
 starts with the date of the session it comes from.
@@ -259,8 +260,7 @@ class HFReaderBackend:
             own). The prompt then asks for the short answer only (:data:`REPLY_PREFILLED`), the
             model continues after ``<answer>`` and decoding stops at ``</answer>``; the reply is
             ``<answer>`` + the first non-empty line it wrote (up to ``</answer>``) +
-            ``</answer>``. The model
-            cannot think before answering in this mode.
+            ``</answer>``. The model cannot think before answering in this mode.
 
     Prompts are wrapped in the tokenizer's chat template as one user message when it has one,
     and fed as plain text otherwise.

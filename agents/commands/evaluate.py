@@ -516,7 +516,7 @@ def _make_reader(args, spec: tuple[str, ...], unknown_answer: str) -> tuple[Any,
 
         device = _device(args.device)
         try:
-            dtype = resolve_dtype(args.dtype, device) if getattr(args, "dtype", None) else None
+            dtype = resolve_dtype(args.dtype, device)  # None: float32 on CPU, the checkpoint's own elsewhere
         except ValueError as err:
             raise EvalError(f"--dtype: {err}") from err
         backend = HFReaderBackend(spec[1], device=device, dtype=dtype, prefill_answer=args.reader_prefill)
