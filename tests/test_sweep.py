@@ -191,7 +191,7 @@ def test_f1_at_reads_the_last_point_within_the_budget():
 
 def _fake_result(run, tokens, test_f1, curve):
     return {"test": {"f1": test_f1, "memory_size": 2.0}, "generated_tokens": tokens, "curve": curve, "validation": [],
-            "wall_s": 1.0, "step_s": [0.5, 1.5]}
+            "wall_s": 1.0, "step_s": [0.5, 1.5], "zero_var_global": 0.25, "zero_var_local": 0.5}
 
 
 def test_the_table_groups_seeds_and_compares_at_equal_budget(tmp_path):
@@ -211,9 +211,11 @@ def test_the_table_groups_seeds_and_compares_at_equal_budget(tmp_path):
     assert logo["seeds"] == 2 and logo["test_f1_mean"] == pytest.approx(0.3) and logo["budget_f1_mean"] == pytest.approx(0.25)
     assert logo["test_f1_ci_lo"] == pytest.approx(0.3 - 12.7062 * 0.1 / 1, abs=1e-6)  # sd 0.1414.. / sqrt 2 = 0.1
     assert logo["generated_tokens_mean"] == 450 and logo["step_s_mean"] == 1.0
+    assert logo["zero_var_global_mean"] == 0.25 and logo["zero_var_local_mean"] == 0.5
     sweep.write_report(spec, tmp_path, results)
     md = (tmp_path / "results.md").read_text()
     assert "| logo-grpo | 2 | 0.300 [-0.971, 1.571] | 0.250 [" in md
+    assert "| 450 | 25% / 50% |" in md
     table = [line for line in md.splitlines() if line.startswith("|")]
     assert len({line.count("|") for line in table}) == 1, table  # header, separator and rows agree
     assert (tmp_path / "results.png").stat().st_size > 1000
@@ -320,7 +322,10 @@ def test_a_run_trains_in_its_own_attempt_directory_and_lands_at_its_name(tmp_pat
         seen["out"] = Path(out)
         assert (Path(out) / "warm_start" / "config.json").read_text() == "{}"  # the shared warm start, unpacked
         assert not (Path(out) / "old.txt").exists()
-        (Path(out) / "metrics.jsonl").write_text('{"time/step_s": 2.0}\n{"val/f1": 0.1}\n{"time/step_s": 4.0}\n')
+        (Path(out) / "metrics.jsonl").write_text(
+            '{"time/step_s": 2.0, "global/groups": 4, "global/zero_variance_groups": 1, "local/groups": 0}\n'
+            '{"val/f1": 0.1}\n'
+            '{"time/step_s": 4.0, "global/groups": 4, "global/zero_variance_groups": 2, "local/groups": 0}\n')
         return {"test": {"f1": 0.5, "memory_size": 3.0}, "generated_tokens": 77,
                 "validation": [{"train_generated_tokens": 77, "f1": 0.25}]}
 
@@ -338,6 +343,8 @@ def test_a_run_trains_in_its_own_attempt_directory_and_lands_at_its_name(tmp_pat
     assert sorted(p.name for p in runs.iterdir()) == ["a"]
     assert (runs / "a" / "metrics.jsonl").exists() and not (runs / "a" / "old.txt").exists()
     assert result["step_s"] == [2.0, 4.0] and result["curve"] == [(77, 0.25)] and result["run_dir"] == str(runs / "a")
+    # 3 of 8 global groups had equal rewards; GRPO made no local groups, so no share for them.
+    assert result["zero_var_global"] == 3 / 8 and math.isnan(result["zero_var_local"])
 
 
 # ----------------------------------------------------------------------------- the command line

@@ -468,10 +468,14 @@ def execute_run(preset: TrainPreset, job: dict[str, Any], out: str, warm: bytes 
     finally:
         _set_threads(before)
     step_s = []
+    groups = {"global": [0.0, 0.0], "local": [0.0, 0.0]}  # kind -> [zero-variance groups, groups]
     for line in (out_dir / "metrics.jsonl").read_text().splitlines():
         rec = json.loads(line)
         if "time/step_s" in rec:
             step_s.append(rec["time/step_s"])
+        for kind, counts in groups.items():
+            counts[0] += rec.get(f"{kind}/zero_variance_groups", 0.0)
+            counts[1] += rec.get(f"{kind}/groups", 0.0)
     curve = [] if start_f1 is None else [(0, start_f1)]
     curve += [(v["train_generated_tokens"], v["f1"]) for v in res["validation"]]
     shutil.rmtree(final, ignore_errors=True)
@@ -479,6 +483,8 @@ def execute_run(preset: TrainPreset, job: dict[str, Any], out: str, warm: bytes 
     return {
         "test": res["test"], "generated_tokens": res["generated_tokens"], "curve": curve,
         "validation": res["validation"], "wall_s": wall, "step_s": step_s, "run_dir": str(final),
+        # Share of GRPO groups whose rewards were all equal (no learning signal), over the run.
+        **{f"zero_var_{kind}": zero / n if n else math.nan for kind, (zero, n) in groups.items()},
     }
 
 
@@ -710,6 +716,7 @@ def table_rows(spec: SweepSpec, results: dict[str, dict]) -> tuple[list[dict], l
             row["budget_f1"] = budget[r.name]
         steps = res.get("step_s") or []
         row.update(memory_size=res["test"]["memory_size"], generated_tokens=res["generated_tokens"],
+                   zero_var_global=res.get("zero_var_global", math.nan), zero_var_local=res.get("zero_var_local", math.nan),
                    step_s=sum(steps) / len(steps) if steps else math.nan, wall_s=res["wall_s"])
         per_run.append(row)
     configs: dict[tuple, list[dict]] = {}
@@ -724,7 +731,7 @@ def table_rows(spec: SweepSpec, results: dict[str, dict]) -> tuple[list[dict], l
         for metric in ("test_f1", "budget_f1") if spec.equal_budget else ("test_f1",):
             mean, lo, hi, _ = mean_ci([m[metric] for m in members])
             row.update({f"{metric}_mean": mean, f"{metric}_ci_lo": lo, f"{metric}_ci_hi": hi})
-        for metric in ("memory_size", "generated_tokens", "step_s", "wall_s"):
+        for metric in ("memory_size", "generated_tokens", "zero_var_global", "zero_var_local", "step_s", "wall_s"):
             row[f"{metric}_mean"] = mean_ci([m[metric] for m in members])[0]
         rows.append(row)
     return rows, per_run
@@ -740,6 +747,10 @@ def _cell(value: Any) -> Any:
 
 def _fmt(x: float, digits: int = 3) -> str:
     return "n/a" if x != x else f"{x:.{digits}f}"
+
+
+def _pct(x: float) -> str:
+    return "n/a" if x != x else f"{100 * x:.0f}%"
 
 
 def _ci(row: dict, metric: str) -> str:
@@ -774,7 +785,8 @@ def markdown_table(spec: SweepSpec, rows: list[dict], results: dict[str, dict]) 
     head = [*(axes or ["configuration"]), "seeds", "test F1 (95% CI)"]
     if spec.equal_budget:
         head.append("held-out F1 at equal token budget (95% CI)")
-    head += ["memory entries", "generated tokens", "s / iteration", "wall s / run"]
+    head += ["memory entries", "generated tokens", "zero-variance groups (global / local)", "s / iteration",
+             "wall s / run"]
     lines = [
         f"Sweep `{spec.path}`: preset `{spec.preset}`, {len(spec.runs)} runs, seeds {seeds}. Mean over seeds with a 95% "
         "Student-t confidence interval; s / iteration and wall time vary between machines and runs.",
@@ -787,7 +799,8 @@ def markdown_table(spec: SweepSpec, rows: list[dict], results: dict[str, dict]) 
         cells += [str(row["seeds"]), _ci(row, "test_f1")]
         if spec.equal_budget:
             cells.append(_ci(row, "budget_f1"))
-        cells += [_fmt(row["memory_size_mean"], 1), _fmt(row["generated_tokens_mean"], 0), _fmt(row["step_s_mean"], 1),
+        cells += [_fmt(row["memory_size_mean"], 1), _fmt(row["generated_tokens_mean"], 0),
+                  f"{_pct(row['zero_var_global_mean'])} / {_pct(row['zero_var_local_mean'])}", _fmt(row["step_s_mean"], 1),
                   _fmt(row["wall_s_mean"], 0)]
         lines.append("| " + " | ".join(cells) + " |")
     missing = [r.name for r in spec.runs if r.name not in results]
