@@ -16,6 +16,10 @@ Writes ``held_out.json`` and ``held_out.md`` under ``--out``. Agents evaluated i
 on the same conversations (say one RL seed per call) merge into one report, with paired
 differences and the difference of the seeds' mean, by
 ``python benchmarks/held_out.py --combine A/held_out.json B/held_out.json ... --out DIR``.
+``--group logo=rl-s1,rl-s2 --group grpo=grpo-s1,grpo-s2`` (with either mode) also reports each
+group's seed mean against the first checkpoint and the paired difference between groups (say
+LoGo-GRPO against GRPO). These bootstrap CIs resample conversations for the seeds at hand; they
+do not cover the spread between seeds, which the per-seed rows show.
 """
 
 from __future__ import annotations
@@ -55,11 +59,15 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--combine", nargs="+", type=Path, metavar="JSON",
                         help="merge these held_out.json files (same conversations) instead of evaluating")
+    parser.add_argument("--group", action="append", default=[], metavar="NAME=A,B,...",
+                        help="report the mean of these checkpoints (e.g. one algorithm's seeds) as a group (repeatable)")
     args = parser.parse_args()
+    groups = parse_groups(args.group)
     if args.combine:
-        combine(args.combine, args.out)
+        combine(args.combine, args.out, groups)
         return
 
+    check_groups(groups, [spec.partition("=")[0] for spec in args.checkpoint])  # before hours of evaluation
     preset = PRESETS[args.preset]
     max_new_tokens = args.max_new_tokens or preset.max_new_tokens
     seeds = task_seeds(args.seed, preset)["test"]
@@ -81,13 +89,41 @@ def main() -> None:
     names = [spec.partition("=")[0] for spec in args.checkpoint]
     meta = {"preset": args.preset, "seed": args.seed, "episodes": args.episodes, "horizon": args.horizon,
             "slices": preset.slices_per_session, "max_new_tokens": max_new_tokens}
-    write_report(rows, names, meta, args.out, {k: str(v) for k, v in vars(args).items()})
+    write_report(rows, names, meta, args.out, {k: str(v) for k, v in vars(args).items()}, groups)
 
 
-def write_report(rows: dict, names: list[str], meta: dict, out: Path, args: dict) -> None:
+def parse_groups(specs: list[str]) -> dict[str, list[str]]:
+    """``["logo=a,b", "grpo=c"]`` -> ``{"logo": ["a", "b"], "grpo": ["c"]}``."""
+    groups: dict[str, list[str]] = {}
+    for spec in specs:
+        name, sep, members = spec.partition("=")
+        names = [m.strip() for m in members.split(",") if m.strip()]
+        if not sep or not name.strip() or not names:
+            raise SystemExit(f"--group {spec!r}: expected NAME=CHECKPOINT,CHECKPOINT,...")
+        if name.strip() in groups:
+            raise SystemExit(f"--group {name.strip()!r} is given twice")
+        groups[name.strip()] = names
+    return groups
+
+
+def check_groups(groups: dict[str, list[str]], names: list[str]) -> None:
+    """Every group member must be a checkpoint after the first (the base of the differences)."""
+    for group, members in groups.items():
+        unknown = [m for m in members if m not in names[1:]]
+        if unknown:
+            raise SystemExit(f"--group {group}: {', '.join(unknown)} is not a checkpoint after the first "
+                             f"(checkpoints: {', '.join(names) or 'none'})")
+
+
+def write_report(rows: dict, names: list[str], meta: dict, out: Path, args: dict,
+                 groups: dict[str, list[str]] | None = None) -> None:
     """Write ``held_out.json`` and ``held_out.md``: per-agent F1 with bootstrap CIs, then the paired
     difference of every checkpoint after the first to the first; with three or more checkpoints,
-    also the difference of their per-conversation mean (e.g. several RL seeds) to the first."""
+    also the difference of their per-conversation mean (e.g. several RL seeds) to the first. With
+    ``groups`` (name -> checkpoints), each group's per-conversation mean against the first
+    checkpoint instead, and the paired difference of every two groups."""
+    groups = groups or {}
+    check_groups(groups, names)
     limit = meta.get("max_new_tokens")  # absent from reports written before it was recorded
     decoding = "greedy decoding" if limit is None else f"greedy decoding of at most {limit} tokens per action"
     lines = [
@@ -102,7 +138,7 @@ def write_report(rows: dict, names: list[str], meta: dict, out: Path, args: dict
         row["ci95"] = [lo, hi]
         parse, cut = (("-" if row.get(k) is None else f"{row[k]:.1%}") for k in ("parse_error_rate", "truncated_rate"))
         lines.append(f"| {name} | {row['f1']:.3f} | [{lo:.3f}, {hi:.3f}] | {row['memory_size']:.1f} | {parse} | {cut} |")
-    summary = {}
+    summary, group_summary = {}, {}
     if len(names) > 1:
         lines += ["", "| paired difference (same conversations) | mean | 95% CI |", "|---|---:|---:|"]
         base = np.asarray(rows[names[0]]["f1_per_task"])
@@ -115,17 +151,28 @@ def write_report(rows: dict, names: list[str], meta: dict, out: Path, args: dict
         for name in names[1:]:
             diff = np.asarray(rows[name]["f1_per_task"]) - base
             rows[name]["diff_to_" + names[0]] = difference(f"{name} - {names[0]}", diff)
-        if len(names) > 2:
+        def seed_mean(members: list[str]) -> np.ndarray:
+            return np.mean([rows[name]["f1_per_task"] for name in members], axis=0)
+
+        if len(names) > 2 and not groups:
             label = f"mean of {', '.join(names[1:])} - {names[0]}"
-            pooled = np.mean([rows[name]["f1_per_task"] for name in names[1:]], axis=0) - base
-            summary = {"label": label, **difference(label, pooled)}
+            summary = {"label": label, **difference(label, seed_mean(names[1:]) - base)}
+        for group, members in groups.items():
+            label = f"{group} (mean of {', '.join(members)}) - {names[0]}"
+            group_summary[group] = {"label": label, "members": members, **difference(label, seed_mean(members) - base)}
+        group_names = list(groups)
+        for i, first in enumerate(group_names):
+            for second in group_names[i + 1:]:
+                label = f"{first} - {second}"
+                group_summary[label] = {"label": label, **difference(label, seed_mean(groups[first]) - seed_mean(groups[second]))}
     out.mkdir(parents=True, exist_ok=True)
-    (out / "held_out.json").write_text(json.dumps({"args": args, "meta": meta, "checkpoints": names, "rows": rows, "pooled": summary}, indent=2))
+    (out / "held_out.json").write_text(json.dumps({"args": args, "meta": meta, "checkpoints": names, "rows": rows, "pooled": summary,
+                                                   "groups": group_summary}, indent=2))
     (out / "held_out.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 
-def combine(paths: list[Path], out: Path) -> None:
+def combine(paths: list[Path], out: Path, groups: dict[str, list[str]] | None = None) -> None:
     """Merge several ``held_out.json`` files of the same conversations into one report (agents
     evaluated in separate calls, e.g. one RL seed per call); the first file's first checkpoint is
     the base of the paired differences."""
@@ -146,7 +193,7 @@ def combine(paths: list[Path], out: Path) -> None:
             rows[name] = row
             if name in data.get("checkpoints", []):
                 names.append(name)
-    write_report(rows, names, meta, out, {"combine": [str(p) for p in paths], "out": str(out)})
+    write_report(rows, names, meta, out, {"combine": [str(p) for p in paths], "out": str(out)}, groups)
 
 
 if __name__ == "__main__":

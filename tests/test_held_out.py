@@ -47,3 +47,32 @@ def test_combine_refuses_reports_of_different_conversations(held_out, tmp_path):
     b = _report(tmp_path / "b", {"rl": [0.3, 0.5, 0.7]}, ["rl"], meta={**META, "horizon": 4})
     with pytest.raises(SystemExit, match="not the same conversations"):
         held_out.combine([a, b], tmp_path / "out")
+
+
+def test_groups_compare_the_seed_means_of_two_algorithms_on_the_same_conversations(held_out, tmp_path):
+    a = _report(tmp_path / "a", {"warm": [0.2, 0.4, 0.6]}, ["warm"])
+    b = _report(tmp_path / "b", {"logo-s1": [0.3, 0.5, 0.7], "logo-s2": [0.5, 0.5, 0.5]}, ["logo-s1", "logo-s2"])
+    c = _report(tmp_path / "c", {"grpo-s1": [0.2, 0.4, 0.6]}, ["grpo-s1"])
+    groups = held_out.parse_groups(["logo=logo-s1,logo-s2", "grpo=grpo-s1"])
+    held_out.combine([a, b, c], tmp_path / "out", groups)
+    data = json.loads((tmp_path / "out" / "held_out.json").read_text())
+    # logo's seed mean per conversation: 0.4, 0.5, 0.6 -> +0.2, +0.1, 0.0 over warm; grpo equals warm.
+    assert data["groups"]["logo"]["mean"] == pytest.approx(0.1) and data["groups"]["logo"]["members"] == ["logo-s1", "logo-s2"]
+    assert data["groups"]["grpo"]["mean"] == pytest.approx(0.0) and data["groups"]["grpo"]["ci95"] == pytest.approx([0, 0])
+    assert data["groups"]["logo - grpo"]["mean"] == pytest.approx(0.1)
+    assert data["pooled"] == {}  # the groups replace the pool of every checkpoint
+    assert "| logo - grpo | +0.100 |" in (tmp_path / "out" / "held_out.md").read_text()
+
+
+def test_a_group_naming_an_unknown_checkpoint_or_badly_formed_is_refused(held_out, tmp_path):
+    a = _report(tmp_path / "a", {"warm": [0.2, 0.4, 0.6], "rl-s1": [0.3, 0.5, 0.7]}, ["warm", "rl-s1"])
+    with pytest.raises(SystemExit, match="rl-s9 is not a checkpoint after the first"):
+        held_out.combine([a], tmp_path / "out", held_out.parse_groups(["logo=rl-s1,rl-s9"]))
+    with pytest.raises(SystemExit, match="warm is not a checkpoint after the first"):  # the base cannot be in a group
+        held_out.combine([a], tmp_path / "out", held_out.parse_groups(["logo=warm"]))
+    for bad in ("logo", "logo=", "=rl-s1"):
+        with pytest.raises(SystemExit, match="expected NAME=CHECKPOINT"):
+            held_out.parse_groups([bad])
+    with pytest.raises(SystemExit, match="given twice"):
+        held_out.parse_groups(["a=rl-s1", "a=rl-s1"])
+    assert not (tmp_path / "out").exists()  # nothing half-written
