@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import random
 
 import numpy as np
@@ -17,7 +18,7 @@ from agents.commands.checkpoint import (
     restore_rng_state,
     save_checkpoint,
 )
-from agents.commands.logging import MetricsLogger, plot_curves, read_metrics
+from agents.commands.logging import MetricsLogger, plot_curves, read_metrics, summarize_training
 
 # ---------------------------------------------------------------- logging
 
@@ -215,3 +216,17 @@ def test_replacing_a_checkpoint_and_latest(tmp_path):
     assert not list(tmp_path.glob(".checkpoint-10.*"))
     with pytest.raises(FileNotFoundError, match="not a complete checkpoint"):
         load_checkpoint(tmp_path / "checkpoint-50")
+
+
+def test_summarize_training_counts_the_budget_and_the_groups_without_signal(tmp_path):
+    with MetricsLogger(tmp_path, tensorboard=False) as logger:
+        logger.log(1, {"generated_tokens": 100, "time/step_s": 2.0, "global/groups": 4, "global/zero_variance_groups": 1,
+                       "local/groups": 2, "local/zero_variance_groups": 0})
+        logger.log(2, {"generated_tokens": 250, "time/step_s": 4.0, "global/groups": 4, "global/zero_variance_groups": 2,
+                       "local/groups": 2, "local/zero_variance_groups": 2})
+        logger.log(2, {"val/f1": 0.5})
+    s = summarize_training(read_metrics(tmp_path / "metrics.jsonl"))
+    assert s["updates"] == 2 and s["generated_tokens"] == 250 and s["step_s"] == [2.0, 4.0]
+    assert s["zero_var_global"] == 3 / 8 and s["zero_var_local"] == 2 / 4 and s["validation"] == [(2, 0.5)]
+    empty = summarize_training([])  # a run killed before its first update
+    assert empty["updates"] == 0 and math.isnan(empty["zero_var_global"]) and math.isnan(empty["zero_var_local"])

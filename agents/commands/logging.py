@@ -21,7 +21,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
-__all__ = ["MetricsLogger", "read_metrics", "plot_curves"]
+__all__ = ["MetricsLogger", "read_metrics", "summarize_training", "plot_curves"]
 
 RESERVED_KEYS = ("step", "time", "elapsed_s")
 
@@ -144,6 +144,34 @@ def read_metrics(jsonl_path: str | Path) -> list[dict[str, Any]]:
     if bad:
         warnings.warn(f"{jsonl_path}: skipped {bad} malformed line(s)", stacklevel=2)
     return records
+
+
+def summarize_training(records: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
+    """What a training run's metrics say about its budget and its learning signal.
+
+    ``records`` are :func:`read_metrics` lines of a ``memr2 train`` run. Returns ``updates``
+    (logged update steps), ``generated_tokens`` (the last cumulative count), ``step_s`` (seconds of
+    each update), ``zero_var_global`` / ``zero_var_local`` (share of global / local GRPO groups
+    whose members all got the same reward, so their advantages are zero: no learning signal; NaN
+    when the run made no such groups, as GRPO makes no local ones) and ``validation`` (step,
+    ``val/f1``) pairs.
+    """
+    step_s, validation, tokens = [], [], 0
+    groups = {"global": [0.0, 0.0], "local": [0.0, 0.0]}  # kind -> [zero-variance groups, groups]
+    for rec in records:
+        if "time/step_s" in rec:
+            step_s.append(float(rec["time/step_s"]))
+        if rec.get("generated_tokens") is not None:
+            tokens = max(tokens, int(rec["generated_tokens"]))
+        if "val/f1" in rec:
+            validation.append((rec.get("step"), float(rec["val/f1"])))
+        for kind, counts in groups.items():
+            counts[0] += float(rec.get(f"{kind}/zero_variance_groups", 0.0))
+            counts[1] += float(rec.get(f"{kind}/groups", 0.0))
+    return {
+        "updates": len(step_s), "generated_tokens": tokens, "step_s": step_s, "validation": validation,
+        **{f"zero_var_{kind}": zero / n if n else math.nan for kind, (zero, n) in groups.items()},
+    }
 
 
 def plot_curves(

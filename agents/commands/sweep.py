@@ -441,6 +441,7 @@ def execute_run(preset: TrainPreset, job: dict[str, Any], out: str, warm: bytes 
     the directory of the run that replaces it. Older attempts are removed first."""
     import uuid
 
+    from agents.commands.logging import read_metrics, summarize_training
     from agents.commands.train import train
 
     final = Path(out)
@@ -467,24 +468,15 @@ def execute_run(preset: TrainPreset, job: dict[str, Any], out: str, warm: bytes 
         wall = time.perf_counter() - t0
     finally:
         _set_threads(before)
-    step_s = []
-    groups = {"global": [0.0, 0.0], "local": [0.0, 0.0]}  # kind -> [zero-variance groups, groups]
-    for line in (out_dir / "metrics.jsonl").read_text().splitlines():
-        rec = json.loads(line)
-        if "time/step_s" in rec:
-            step_s.append(rec["time/step_s"])
-        for kind, counts in groups.items():
-            counts[0] += rec.get(f"{kind}/zero_variance_groups", 0.0)
-            counts[1] += rec.get(f"{kind}/groups", 0.0)
+    summary = summarize_training(read_metrics(out_dir / "metrics.jsonl"))
     curve = [] if start_f1 is None else [(0, start_f1)]
     curve += [(v["train_generated_tokens"], v["f1"]) for v in res["validation"]]
     shutil.rmtree(final, ignore_errors=True)
     os.replace(out_dir, final)
     return {
         "test": res["test"], "generated_tokens": res["generated_tokens"], "curve": curve,
-        "validation": res["validation"], "wall_s": wall, "step_s": step_s, "run_dir": str(final),
-        # Share of GRPO groups whose rewards were all equal (no learning signal), over the run.
-        **{f"zero_var_{kind}": zero / n if n else math.nan for kind, (zero, n) in groups.items()},
+        "validation": res["validation"], "wall_s": wall, "step_s": summary["step_s"], "run_dir": str(final),
+        "zero_var_global": summary["zero_var_global"], "zero_var_local": summary["zero_var_local"],
     }
 
 
