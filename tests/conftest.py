@@ -11,7 +11,12 @@ the layout of Qwen2.5 instruct checkpoints.
 
 from __future__ import annotations
 
+import importlib.util
+from pathlib import Path
+
 import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
 
 CHATML_TEMPLATE = (
     "{%- for m in messages -%}"
@@ -50,3 +55,18 @@ def foreign_checkpoint(tmp_path_factory):
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out
+
+
+@pytest.fixture(scope="session")
+def load_script():
+    """Import a script of the repository that is not in a package (``benchmarks/held_out.py``,
+    ``examples/trl_grpo.py``) by its path relative to the root, as a module."""
+
+    def load(relative: str):
+        path = ROOT / relative
+        spec = importlib.util.spec_from_file_location(f"script_{path.stem}", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+
+    return load

@@ -1,21 +1,15 @@
 """benchmarks/held_out.py --combine: agents evaluated in separate calls on the same held-out
 conversations merge into one report with paired differences."""
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "held_out.py"
-
 
 @pytest.fixture(scope="module")
-def held_out():
-    spec = importlib.util.spec_from_file_location("held_out_script", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def held_out(load_script):
+    return load_script("benchmarks/held_out.py")
 
 
 META = {"preset": "small", "seed": 0, "episodes": 3, "horizon": 8, "slices": 2}

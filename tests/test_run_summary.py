@@ -1,20 +1,14 @@
 """benchmarks/run_summary.py: budget and learning signal of finished training runs."""
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "run_summary.py"
-
 
 @pytest.fixture(scope="module")
-def run_summary():
-    spec = importlib.util.spec_from_file_location("run_summary_script", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def run_summary(load_script):
+    return load_script("benchmarks/run_summary.py")
 
 
 def test_one_row_per_run_with_tokens_and_zero_variance_shares(run_summary, tmp_path):
