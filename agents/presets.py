@@ -39,6 +39,8 @@ class TrainPreset:
     """Optimizer steps per batch."""
     micro_batch: int = 16
     """Rows per forward/backward pass."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass (same gradients, much less memory)."""
     kl_coef: float = 0.001
     """k3 KL to the stage's reference policy."""
     entropy_coef: float = 0.001
@@ -119,7 +121,8 @@ PRESETS: dict[str, TrainPreset] = {
     "small": TrainPreset(
         model="smollm2-135m-instruct", dtype="auto",
         stages=(Stage(2, 6), Stage(4, 4)), n_rollouts=4, m_reruns=3, p_local=0.5, max_questions=32, local_max_questions=8,
-        lr=2e-5, epochs=1, micro_batch=8, kl_coef=0.01, temperature=0.7, max_new_tokens=384, slices_per_session=2,
+        lr=2e-5, epochs=1, micro_batch=8, gradient_checkpointing=True, kl_coef=0.01, temperature=0.7, max_new_tokens=384,
+        slices_per_session=2,
         n_train=64, n_val=8, n_test=16, turns_per_session=(6, 8),
         sft_steps=160, sft_batch=8, sft_lr=1e-4, sft_tasks=128, sft_horizon=4, sft_probes=16,
     ),

@@ -208,3 +208,26 @@ def test_update_raises_logprob_of_positive_advantage_turns(policy):
     # Positive and negative turns share most tokens (JSON syntax), so both may rise; the
     # update must still separate them.
     assert pos1 - neg1 > pos0 - neg0
+
+
+def test_gradient_checkpointing_gives_the_same_update(tmp_path):
+    """The `small` preset recomputes activations in the backward pass to fit in memory; the
+    update it makes must be the one without."""
+    corpus = ['{"facts": [{"speaker": "Ann", "dia_id": "D1:1", "fact": "Ann likes item a lot."}]}'] * 50
+    path = build_tiny_model(tmp_path, corpus, seed=0, hidden_size=64, num_layers=2)
+    plain, ckpt = SharedPolicy.from_pretrained(path), SharedPolicy.from_pretrained(path)
+    engine = RolloutEngine(ScriptedSampler(plain), _env_fn, max_new_tokens=64, save_states=False)
+    rows = [t for ep in engine.run([Start(options={"task": 0}, rollout_id=r) for r in range(2)], seed=3) for t in ep.turns]
+    for i, t in enumerate(rows):
+        t.advantage = 1.0 if i % 3 == 0 else -0.5
+    after = []
+    for policy, on in ((plain, False), (ckpt, True)):
+        cfg = UpdateConfig(lr=1e-2, epochs=2, micro_batch=4, kl_coef=0.0, entropy_coef=0.001, gradient_checkpointing=on)
+        stats = policy_update(policy, torch.optim.SGD(policy.model.parameters(), lr=cfg.lr), rows, cfg, seed=0)
+        assert any(getattr(m, "gradient_checkpointing", False) for m in policy.model.modules()) == on
+        after.append((stats, _params(policy.model)))
+    (stats0, params0), (stats1, params1) = after
+    assert stats0["rows"] == stats1["rows"] > 0 and stats0["loss"] == pytest.approx(stats1["loss"], abs=1e-6)
+    assert any(not torch.equal(p, q) for p, q in zip(params0, _params(SharedPolicy.from_pretrained(path).model)))
+    for p, q in zip(params0, params1):
+        torch.testing.assert_close(p, q, rtol=0, atol=1e-6)

@@ -211,7 +211,8 @@ def _curriculum(preset, *, out, algo, seed, device, progress, policy, state, opt
     logger = MetricsLogger(out)
     trainer_cls, cfg_cls = (LoGoGRPO, LoGoConfig) if algo == "logo-grpo" else (GRPO, GRPOConfig)
     update_cfg = UpdateConfig(
-        lr=preset.lr, epochs=preset.epochs, micro_batch=preset.micro_batch, kl_coef=preset.kl_coef,
+        lr=preset.lr, epochs=preset.epochs, micro_batch=preset.micro_batch,
+        gradient_checkpointing=preset.gradient_checkpointing, kl_coef=preset.kl_coef,
         entropy_coef=preset.entropy_coef, temperature=preset.temperature,
     )
     extra = {"p_local": preset.p_local, "m_reruns": preset.m_reruns, "local_max_questions": preset.local_max_questions} if algo == "logo-grpo" else {}
