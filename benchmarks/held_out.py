@@ -25,6 +25,7 @@ do not cover the spread between seeds, which the per-seed rows show.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import time
 from pathlib import Path
@@ -67,7 +68,8 @@ def main() -> None:
         combine(args.combine, args.out, groups)
         return
 
-    check_groups(groups, [spec.partition("=")[0] for spec in args.checkpoint])  # before hours of evaluation
+    names = [spec.partition("=")[0] for spec in args.checkpoint]
+    check_groups(groups, names)  # before hours of evaluation
     preset = PRESETS[args.preset]
     max_new_tokens = args.max_new_tokens or preset.max_new_tokens
     seeds = task_seeds(args.seed, preset)["test"]
@@ -86,7 +88,6 @@ def main() -> None:
         rows[name]["wall_s"] = time.perf_counter() - t
         print(f"{name}: F1 {rows[name]['f1']:.3f} ({rows[name]['wall_s']:.0f} s)", flush=True)
 
-    names = [spec.partition("=")[0] for spec in args.checkpoint]
     meta = {"preset": args.preset, "seed": args.seed, "episodes": args.episodes, "horizon": args.horizon,
             "slices": preset.slices_per_session, "max_new_tokens": max_new_tokens}
     write_report(rows, names, meta, args.out, {k: str(v) for k, v in vars(args).items()}, groups)
@@ -97,12 +98,12 @@ def parse_groups(specs: list[str]) -> dict[str, list[str]]:
     groups: dict[str, list[str]] = {}
     for spec in specs:
         name, sep, members = spec.partition("=")
-        names = [m.strip() for m in members.split(",") if m.strip()]
-        if not sep or not name.strip() or not names:
+        name, names = name.strip(), [m.strip() for m in members.split(",") if m.strip()]
+        if not sep or not name or not names:
             raise SystemExit(f"--group {spec!r}: expected NAME=CHECKPOINT,CHECKPOINT,...")
-        if name.strip() in groups:
-            raise SystemExit(f"--group {name.strip()!r} is given twice")
-        groups[name.strip()] = names
+        if name in groups:
+            raise SystemExit(f"--group {name!r} is given twice")
+        groups[name] = names
     return groups
 
 
@@ -160,11 +161,9 @@ def write_report(rows: dict, names: list[str], meta: dict, out: Path, args: dict
         for group, members in groups.items():
             label = f"{group} (mean of {', '.join(members)}) - {names[0]}"
             group_summary[group] = {"label": label, "members": members, **difference(label, seed_mean(members) - base)}
-        group_names = list(groups)
-        for i, first in enumerate(group_names):
-            for second in group_names[i + 1:]:
-                label = f"{first} - {second}"
-                group_summary[label] = {"label": label, **difference(label, seed_mean(groups[first]) - seed_mean(groups[second]))}
+        for first, second in itertools.combinations(groups, 2):
+            label = f"{first} - {second}"
+            group_summary[label] = {"label": label, **difference(label, seed_mean(groups[first]) - seed_mean(groups[second]))}
     out.mkdir(parents=True, exist_ok=True)
     (out / "held_out.json").write_text(json.dumps({"args": args, "meta": meta, "checkpoints": names, "rows": rows, "pooled": summary,
                                                    "groups": group_summary}, indent=2))
