@@ -99,6 +99,7 @@ def test_max_questions_caps_each_conversation(tmp_path):
         (["--agent", "store-turns", "--reader", "hf:/no/such/model"], "never downloads"),
         (["--agent", "oracle", "--reader", "openai:http://127.0.0.1:1#m", "--reader-prefill"], "--reader-prefill needs --reader hf:"),
         (["--agent", "checkpoint:/no/such/dir"], "does not exist"),
+        (["--agent", "checkpoint:/no/such/dir", "--max-new-tokens", "0"], "--max-new-tokens must be >= 1"),
     ],
 )
 def test_bad_requests_fail_clearly(argv, message, capsys):
@@ -147,12 +148,8 @@ def test_llm_reader_and_judge(tmp_path, server, capsys):
 
 
 def test_checkpoint_agent_acts_greedily(tmp_path):
-    pytest.importorskip("torch")
     pytest.importorskip("transformers")
-    from agents.policy.tiny import build_tiny_model
-
-    texts = ['{"facts": []}', '{"operations": []}', "Alice lives in Berlin."] * 10
-    model_dir = build_tiny_model(tmp_path / "ckpt", texts=texts, vocab_size=300, hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64)
+    model_dir = _tiny_checkpoint(tmp_path / "ckpt")
     out = tmp_path / "eval"
     # two episodes in lockstep: one batched generate call per step for both
     argv = ["--agent", f"checkpoint:{model_dir}", "--episodes", "2", "--horizon", "1", "--max-new-tokens", "6", "--device", "cpu"]
@@ -162,6 +159,45 @@ def test_checkpoint_agent_acts_greedily(tmp_path):
     assert [e["conv_id"] for e in res["episodes"]] == ["syn-0-0", "syn-0-1"]
     # a random model writes no valid JSON: every action is an unparsable no-op, never a crash
     assert res["summary"]["ops"]["parse_errors"] > 0 and res["summary"]["memory_size"] == 0
+    assert res["config"]["policy"] == {"prompt_style": "compact", "max_new_tokens": 6, "dtype": "float32"}
+
+
+def _tiny_checkpoint(directory: Path) -> Path:
+    from agents.policy.tiny import build_tiny_model
+
+    texts = ['{"facts": []}', '{"operations": []}'] * 10
+    return build_tiny_model(directory, texts=texts, vocab_size=300, hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64)
+
+
+def test_checkpoint_agent_decodes_as_its_trainer_recorded(tmp_path):
+    """`memr2 train` records prompt style and max_new_tokens beside the policy: eval uses them
+    unless told otherwise (a 384-token policy cut at 256 would lose operations)."""
+    pytest.importorskip("transformers")
+    model_dir = _tiny_checkpoint(tmp_path / "ckpt")
+    (model_dir / "trainer_state.json").write_text(json.dumps({"stage": 1, "prompt_style": "full", "max_new_tokens": 5}))
+    argv = ["--agent", f"checkpoint:{model_dir}", "--episodes", "1", "--horizon", "1", "--device", "cpu"]
+    assert _eval(*argv, "--out", str(tmp_path / "a")) == 0
+    assert _results(tmp_path / "a")[0]["config"]["policy"] == {"prompt_style": "full", "max_new_tokens": 5, "dtype": "float32"}
+    # the command line wins
+    assert _eval(*argv, "--max-new-tokens", "7", "--prompt-style", "compact", "--out", str(tmp_path / "b")) == 0
+    assert _results(tmp_path / "b")[0]["config"]["policy"] == {"prompt_style": "compact", "max_new_tokens": 7, "dtype": "float32"}
+
+
+def test_checkpoint_settings_fall_back_and_follow_the_saved_dtype(tmp_path):
+    from agents.commands.evaluate import DEFAULT_MAX_NEW_TOKENS, EvalError, checkpoint_settings
+
+    assert checkpoint_settings(tmp_path) == {"prompt_style": "compact", "max_new_tokens": DEFAULT_MAX_NEW_TOKENS, "dtype": None}
+    # a warm start records its settings in sft_report.json; weights saved in bfloat16 run in
+    # bfloat16 where the CPU has the instructions ("auto"), float32 elsewhere
+    (tmp_path / "sft_report.json").write_text(json.dumps({"max_new_tokens": 384, "model": {"prompt_style": "full", "dtype": "bfloat16"}}))
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "dtype": "bfloat16"}))
+    assert checkpoint_settings(tmp_path) == {"prompt_style": "full", "max_new_tokens": 384, "dtype": "auto"}
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "torch_dtype": "float32"}))
+    (tmp_path / "sft_report.json").unlink()
+    assert checkpoint_settings(tmp_path)["dtype"] is None
+    (tmp_path / "trainer_state.json").write_text('{"prompt_style": ')
+    with pytest.raises(EvalError, match="trainer_state.json is not readable JSON"):
+        checkpoint_settings(tmp_path)
 
 
 # ------------------------------------------------------------------------------------------

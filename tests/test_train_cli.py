@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from agents.presets import PRESETS
 from agents.rl.curriculum import Stage, parse_stages
 
 
@@ -58,6 +59,9 @@ def test_smoke_run_killed_mid_way_resumes_and_finishes(tmp_path):
 
     AutoModelForCausalLM.from_pretrained(out / "final", local_files_only=True)
     AutoTokenizer.from_pretrained(out / "final", local_files_only=True)
+    # ... that records how it decodes, for `memr2 eval --agent checkpoint:`
+    state = json.loads((out / "final" / "trainer_state.json").read_text())
+    assert state["max_new_tokens"] == PRESETS["smoke"].max_new_tokens and state["prompt_style"] == PRESETS["smoke"].prompt_style
 
 
 def test_a_rollout_batch_below_one_is_refused(tmp_path):

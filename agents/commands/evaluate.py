@@ -65,6 +65,7 @@ __all__ = [
 
 #: ``final`` reward mode: all questions valid at the end, scored once with the final memory.
 REWARD_MODE = "final"
+DEFAULT_MAX_NEW_TOKENS = 256  # a checkpoint policy's limit per action when it records none
 OP_COUNTS = ("adds", "updates", "deletes", "noops", "invalid_ops", "parse_errors")
 
 
@@ -183,7 +184,7 @@ class PolicyAgent:
     :func:`play_episodes` uses to step several episodes at once.
     """
 
-    def __init__(self, policy, max_new_tokens: int = 256, name: str = "policy"):
+    def __init__(self, policy, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, name: str = "policy"):
         self.policy = policy
         self.max_new_tokens = int(max_new_tokens)
         self.name = name
@@ -194,6 +195,14 @@ class PolicyAgent:
 
     def act(self, observation: dict, info: dict) -> str:
         return self.act_batch([observation], [info])[0]
+
+    def settings(self) -> dict[str, Any]:
+        """How it decodes: prompt style, ``max_new_tokens`` and dtype (for ``results.json``)."""
+        return {
+            "prompt_style": self.policy.prompt_style,
+            "max_new_tokens": self.max_new_tokens,
+            "dtype": str(self.policy.model.dtype).removeprefix("torch."),
+        }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -227,8 +236,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--judge", default=None, help="URL#MODEL of an OpenAI-compatible endpoint for the LLM-judge accuracy J")
     parser.add_argument("--api-key-env", default=None, help="name of an environment variable holding the API key for --reader openai: and --judge")
     parser.add_argument("--device", default="auto", help="device of a checkpoint policy or HF reader: auto (default), cpu, cuda, ...")
-    parser.add_argument("--prompt-style", choices=("compact", "full"), default=None, help="checkpoint policy prompts (default: the checkpoint's trainer_state.json, else compact)")
-    parser.add_argument("--max-new-tokens", type=int, default=256, help="checkpoint policy: most tokens per action")
+    parser.add_argument("--prompt-style", choices=("compact", "full"), default=None, help="checkpoint policy prompts (default: what the checkpoint records, else compact)")
+    parser.add_argument("--max-new-tokens", type=int, default=None, help=f"checkpoint policy: most tokens per action (default: what the checkpoint records, else {DEFAULT_MAX_NEW_TOKENS})")
     add_dtype_argument(parser)
     parser.add_argument("--batch", type=int, default=8, help="episodes played in lockstep (a checkpoint policy generates for all of them at once)")
     parser.add_argument("--out", default=None, help="write results.json and results.md here (default: print only)")
@@ -265,7 +274,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     (``config``, ``summary``, ``categories``, ``episodes``, ``questions``) as plain JSON data."""
     from memenv.env import MemSessionEnv
 
-    for name in ("episodes", "horizon", "slices", "max_questions", "batch", "reader_k"):
+    for name in ("episodes", "horizon", "slices", "max_questions", "batch", "reader_k", "max_new_tokens"):
         value = getattr(args, name, None)
         if value is not None and value < 1:
             raise EvalError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
@@ -319,6 +328,8 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     }
     if args.noise is not None:
         config["noise"] = args.noise
+    if isinstance(agent, PolicyAgent):
+        config["policy"] = agent.settings()
     return {
         "config": config,
         "summary": _episode_summary(episodes, questions),
@@ -426,23 +437,56 @@ def _make_agent(args) -> tuple[Any, str]:
 
 
 def _load_policy_agent(path: str, args) -> PolicyAgent:
-    """A greedy :class:`PolicyAgent` on the ``SharedPolicy`` saved at ``path``."""
+    """A greedy :class:`PolicyAgent` on the ``SharedPolicy`` saved at ``path``.
+
+    Settings the command line leaves unset come from what the checkpoint records (see
+    :func:`checkpoint_settings`), so a policy is evaluated as it was trained.
+    """
     from agents.policy import SharedPolicy
 
     directory = Path(path).expanduser()
-    style = args.prompt_style
-    if style is None:  # the trainer records its prompt style; a bare model directory has none
-        state_file = directory / "trainer_state.json"
-        state = json.loads(state_file.read_text(encoding="utf-8")) if state_file.is_file() else {}
-        style = _find_key(state, "prompt_style") or "compact"
+    recorded = checkpoint_settings(directory)
+    style = args.prompt_style or recorded["prompt_style"]
+    max_new_tokens = args.max_new_tokens or recorded["max_new_tokens"]
+    dtype = args.dtype or recorded["dtype"]
     device = _device(args.device)
-    dtype = getattr(args, "dtype", None)
     try:
         print(describe_dtype(dtype, device), file=sys.stderr)
         policy = SharedPolicy.from_pretrained(directory, device=device, prompt_style=style, dtype=dtype)
     except ValueError as err:
         raise EvalError(f"--agent checkpoint:{path}: {err}") from err
-    return PolicyAgent(policy, max_new_tokens=args.max_new_tokens, name=f"checkpoint:{path}")
+    print(f"checkpoint policy: {style} prompts, up to {max_new_tokens} tokens per action", file=sys.stderr)
+    return PolicyAgent(policy, max_new_tokens=max_new_tokens, name=f"checkpoint:{path}")
+
+
+def checkpoint_settings(directory: str | Path) -> dict[str, Any]:
+    """How the policy saved in ``directory`` was run, for the ``memr2 eval`` defaults.
+
+    ``memr2 train`` records its prompt style and ``max_new_tokens`` in each policy's
+    ``trainer_state.json``, ``memr2 sft`` in ``sft_report.json``; ``config.json`` holds the
+    weights' dtype. Returns ``prompt_style`` (else ``"compact"``), ``max_new_tokens`` (else 256)
+    and ``dtype``: ``"auto"`` for weights saved in bfloat16 (bfloat16 where the CPU has the
+    instructions, float32 elsewhere), else ``None`` (float32 on CPU).
+    """
+    directory = Path(directory)
+    recorded: dict[str, Any] = {}
+    for name in ("sft_report.json", "trainer_state.json", "config.json"):  # later files win
+        file = directory / name
+        if file.is_file():
+            try:
+                data = json.loads(file.read_text(encoding="utf-8"))
+            except (OSError, ValueError) as err:
+                raise EvalError(f"--agent checkpoint:{directory}: {name} is not readable JSON ({err})") from err
+            for key in ("prompt_style", "max_new_tokens", "dtype", "torch_dtype"):
+                value = _find_key(data, key)
+                if value is not None:
+                    recorded[key] = value
+    saved_dtype = recorded.get("dtype") or recorded.get("torch_dtype")
+    return {
+        "prompt_style": recorded.get("prompt_style") or "compact",
+        "max_new_tokens": int(recorded.get("max_new_tokens") or DEFAULT_MAX_NEW_TOKENS),
+        "dtype": "auto" if saved_dtype == "bfloat16" else None,
+    }
 
 
 def _find_key(data: Any, key: str) -> Any:

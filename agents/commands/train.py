@@ -167,7 +167,7 @@ def train(
                   f"{report['env']['model']['f1']:.3f} (teacher {report['env']['teacher']['f1']:.3f}, "
                   f"{report['env']['eval_tasks']} conversations, horizon {report['env']['horizon']})")
 
-    state: dict[str, Any] = {"prompt_style": preset.prompt_style, "stage": 0, "step": 0, "global_step": 0, "stage_start": str(start_path), "best": None, "validation": [], "generated_tokens": 0, "trainer_rng": None}
+    state: dict[str, Any] = {"prompt_style": preset.prompt_style, "max_new_tokens": preset.max_new_tokens, "stage": 0, "step": 0, "global_step": 0, "stage_start": str(start_path), "best": None, "validation": [], "generated_tokens": 0, "trainer_rng": None}
     policy = None
     optimizer_state = None
     if last is not None:
@@ -295,7 +295,9 @@ def _validate_and_keep(policy, val_fn, val_seeds, preset, state, stage_idx, stag
     best_path = out / f"stage{stage_idx}-best"
     if state["best"] is None or val["f1"] > state["best"] or not best_path.exists():
         state["best"] = val["f1"]
-        save_checkpoint(best_path, policy.model, policy.tokenizer, {"stage": stage_idx, "step": state["step"], "val": val, "prompt_style": preset.prompt_style})
+        # prompt style and max_new_tokens: `memr2 eval --agent checkpoint:` decodes as trained
+        best_state = {"stage": stage_idx, "step": state["step"], "val": val, "prompt_style": preset.prompt_style, "max_new_tokens": preset.max_new_tokens}
+        save_checkpoint(best_path, policy.model, policy.tokenizer, best_state)
 
 
 def _prune(ckpt_dir: Path, keep: int) -> None:
