@@ -179,7 +179,10 @@ def combine(paths: list[Path], out: Path, groups: dict[str, list[str]] | None = 
     names: list[str] = []
     meta = None
     for path in paths:
-        data = json.loads(Path(path).read_text())
+        try:
+            data = json.loads(Path(path).read_text())
+        except (OSError, ValueError) as err:
+            raise SystemExit(f"{path}: not a readable held_out.json ({err})") from err
         this = data.get("meta")
         if this is None:
             raise SystemExit(f"{path}: no 'meta' entry; rerun held_out.py to make it")

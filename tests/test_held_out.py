@@ -43,6 +43,16 @@ def test_combine_refuses_reports_of_different_conversations(held_out, tmp_path):
         held_out.combine([a, b], tmp_path / "out")
 
 
+def test_combine_names_a_missing_or_broken_report(held_out, tmp_path):
+    a = _report(tmp_path / "a", {"warm": [0.2, 0.4, 0.6]}, ["warm"])
+    with pytest.raises(SystemExit, match="still-running/held_out.json: not a readable held_out.json"):
+        held_out.combine([a, tmp_path / "still-running" / "held_out.json"], tmp_path / "out")
+    (tmp_path / "cut.json").write_text('{"meta": ')
+    with pytest.raises(SystemExit, match="cut.json: not a readable held_out.json"):
+        held_out.combine([a, tmp_path / "cut.json"], tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
 def test_groups_compare_the_seed_means_of_two_algorithms_on_the_same_conversations(held_out, tmp_path):
     a = _report(tmp_path / "a", {"warm": [0.2, 0.4, 0.6]}, ["warm"])
     b = _report(tmp_path / "b", {"logo-s1": [0.3, 0.5, 0.7], "logo-s2": [0.5, 0.5, 0.5]}, ["logo-s1", "logo-s2"])
