@@ -16,6 +16,8 @@ Writes ``held_out.json`` and ``held_out.md`` under ``--out``. Agents evaluated i
 on the same conversations (say one RL seed per call) merge into one report, with paired
 differences and the difference of the seeds' mean, by
 ``python benchmarks/held_out.py --combine A/held_out.json B/held_out.json ... --out DIR``.
+``--combine ... --pool`` also merges reports of different sets of conversations (other
+``--seed`` values) into one, for more conversations than one run seed's test set holds.
 ``--group logo=rl-s1,rl-s2 --group grpo=grpo-s1,grpo-s2`` (with either mode) also reports each
 group's seed mean against the first checkpoint and the paired difference between groups (say
 LoGo-GRPO against GRPO). These bootstrap CIs resample conversations for the seeds at hand; they
@@ -60,12 +62,14 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--combine", nargs="+", type=Path, metavar="JSON",
                         help="merge these held_out.json files (same conversations) instead of evaluating")
+    parser.add_argument("--pool", action="store_true",
+                        help="with --combine: pool reports of different conversation sets (--seed) into one")
     parser.add_argument("--group", action="append", default=[], metavar="NAME=A,B,...",
                         help="report the mean of these checkpoints (e.g. one algorithm's seeds) as a group (repeatable)")
     args = parser.parse_args()
     groups = parse_groups(args.group)
     if args.combine:
-        combine(args.combine, args.out, groups)
+        combine(args.combine, args.out, groups, pool=args.pool)
         return
 
     names = [spec.partition("=")[0] for spec in args.checkpoint]
@@ -128,7 +132,7 @@ def write_report(rows: dict, names: list[str], meta: dict, out: Path, args: dict
     limit = meta.get("max_new_tokens")  # absent from reports written before it was recorded
     decoding = "greedy decoding" if limit is None else f"greedy decoding of at most {limit} tokens per action"
     lines = [
-        f"Preset `{meta['preset']}`, run seed {meta['seed']}: {meta['episodes']} held-out test conversations, horizon "
+        f"Preset `{meta['preset']}`, {_seeds(meta['seed'])}: {meta['episodes']} held-out test conversations, horizon "
         f"{meta['horizon']}, {meta['slices']} slices per session, {decoding}, final-mode F1 (extractive reader).",
         "",
         "| agent | F1 | 95% CI | memory entries | parse errors | truncated |",
@@ -171,13 +175,23 @@ def write_report(rows: dict, names: list[str], meta: dict, out: Path, args: dict
     print("\n".join(lines))
 
 
-def combine(paths: list[Path], out: Path, groups: dict[str, list[str]] | None = None) -> None:
+def _seeds(seed: int | list[int]) -> str:
+    """Whose test conversations a report holds: ``run seed 0``, or ``run seeds 0 and 9`` pooled."""
+    if not isinstance(seed, list):
+        return f"run seed {seed}"
+    return "run seeds " + ", ".join(map(str, seed[:-1])) + f" and {seed[-1]}"
+
+
+def combine(paths: list[Path], out: Path, groups: dict[str, list[str]] | None = None, pool: bool = False) -> None:
     """Merge several ``held_out.json`` files of the same conversations into one report (agents
     evaluated in separate calls, e.g. one RL seed per call); the first file's first checkpoint is
-    the base of the paired differences."""
-    rows: dict = {}
-    names: list[str] = []
-    meta = None
+    the base of the paired differences.
+
+    With ``pool``, the files may cover several sets of conversations (different ``--seed``, all
+    else equal): each set is merged as above, then the agents present in every set are pooled,
+    their per-conversation F1 concatenated (so the CIs resample all the conversations) and their
+    other figures averaged with the number of conversations as weights."""
+    sets: dict[str, tuple[dict, list[str], dict]] = {}
     for path in paths:
         try:
             data = json.loads(Path(path).read_text())
@@ -186,16 +200,48 @@ def combine(paths: list[Path], out: Path, groups: dict[str, list[str]] | None = 
         this = data.get("meta")
         if this is None:
             raise SystemExit(f"{path}: no 'meta' entry; rerun held_out.py to make it")
-        if meta is not None and this != meta:
-            raise SystemExit(f"{path}: played {this}, not the same conversations as the first file ({meta})")
-        meta = this
+        key = json.dumps(this, sort_keys=True)
+        if sets and key not in sets and not pool:
+            first = next(iter(sets.values()))[2]
+            raise SystemExit(f"{path}: played {this}, not the same conversations as the first file ({first}); "
+                             "--pool merges different sets of conversations")
+        rows, names, _ = sets.setdefault(key, ({}, [], this))
         for name, row in data["rows"].items():
             if name in rows:
                 continue
             rows[name] = row
             if name in data.get("checkpoints", []):
                 names.append(name)
-    write_report(rows, names, meta, out, {"combine": [str(p) for p in paths], "out": str(out)}, groups)
+    rows, names, meta = pool_sets(list(sets.values())) if len(sets) > 1 else next(iter(sets.values()))
+    write_report(rows, names, meta, out, {"combine": [str(p) for p in paths], "pool": pool, "out": str(out)}, groups)
+
+
+def pool_sets(sets: list[tuple[dict, list[str], dict]]) -> tuple[dict, list[str], dict]:
+    """Pool reports of different conversation sets: see :func:`combine`."""
+    meta = sets[0][2]
+    same = {k: v for k, v in meta.items() if k not in ("seed", "episodes")}
+    for _, _, other in sets[1:]:
+        if {k: v for k, v in other.items() if k not in ("seed", "episodes")} != same:
+            raise SystemExit(f"--pool: {other} and {meta} differ in more than the conversations (seed, episodes)")
+    seeds = [m["seed"] for _, _, m in sets]
+    if len(set(map(str, seeds))) != len(seeds):
+        raise SystemExit(f"--pool: two reports of the same conversations (seed {seeds}) differ in what they hold")
+    names = [n for n in sets[0][1] if all(n in s[1] for s in sets)]
+    dropped = sorted({n for s in sets for n in s[1]} - set(names))
+    if dropped:
+        print(f"--pool: left out {', '.join(dropped)} (not evaluated on every set)")
+    rows = {}
+    for name in (n for n in sets[0][0] if all(n in s[0] for s in sets)):
+        parts = [s[0][name] for s in sets]
+        sizes = [len(p["f1_per_task"]) for p in parts]
+        row = {"f1_per_task": [x for p in parts for x in p["f1_per_task"]]}
+        for key in parts[0]:
+            values = [p.get(key) for p in parts]
+            if key in row or key == "wall_s" or not all(isinstance(v, (int, float)) for v in values):
+                continue
+            row[key] = float(np.average(values, weights=sizes))
+        rows[name] = row
+    return rows, names, {**meta, "seed": seeds, "episodes": sum(m["episodes"] for _, _, m in sets)}
 
 
 if __name__ == "__main__":

@@ -80,3 +80,31 @@ def test_a_group_naming_an_unknown_checkpoint_or_badly_formed_is_refused(held_ou
     with pytest.raises(SystemExit, match="given twice"):
         held_out.parse_groups(["a=rl-s1", "a=rl-s1"])
     assert not (tmp_path / "out").exists()  # nothing half-written
+
+
+def test_pool_merges_two_sets_of_conversations_agent_by_agent(held_out, tmp_path):
+    s0 = {**META, "seed": 0, "episodes": 3}
+    s9 = {**META, "seed": 9, "episodes": 2}
+    files = [
+        _report(tmp_path / "w0", {"warm": [0.2, 0.4, 0.6]}, ["warm"], meta=s0),
+        _report(tmp_path / "r0", {"rl": [0.3, 0.5, 0.7], "rl-only-here": [0.9, 0.9, 0.9]}, ["rl", "rl-only-here"], meta=s0),
+        _report(tmp_path / "w9", {"warm": [0.5, 0.5]}, ["warm"], meta=s9),
+        _report(tmp_path / "r9", {"rl": [0.5, 0.7]}, ["rl"], meta=s9),
+    ]
+    # without --pool, different conversations are refused
+    with pytest.raises(SystemExit, match="--pool merges"):
+        held_out.combine(files, tmp_path / "no")
+    held_out.combine(files, tmp_path / "out", held_out.parse_groups(["logo=rl"]), pool=True)
+    data = json.loads((tmp_path / "out" / "held_out.json").read_text())
+    assert data["meta"]["seed"] == [0, 9] and data["meta"]["episodes"] == 5
+    assert data["checkpoints"] == ["warm", "rl"]  # rl-only-here was not played on seed 9's conversations
+    assert data["rows"]["rl"]["f1_per_task"] == [0.3, 0.5, 0.7, 0.5, 0.7]
+    assert data["rows"]["rl"]["f1"] == pytest.approx(2.7 / 5)
+    # paired over all five conversations: +0.1 on the first three, +0.0 and +0.2 on the others
+    assert data["rows"]["rl"]["diff_to_warm"]["mean"] == pytest.approx(0.1)
+    assert data["groups"]["logo"]["mean"] == pytest.approx(0.1)
+    assert "run seeds 0 and 9: 5 held-out test conversations" in (tmp_path / "out" / "held_out.md").read_text()
+    # sets that differ in more than their conversations do not pool
+    other = _report(tmp_path / "h4", {"warm": [0.1]}, ["warm"], meta={**META, "seed": 5, "horizon": 4})
+    with pytest.raises(SystemExit, match="differ in more than the conversations"):
+        held_out.combine([*files, other], tmp_path / "bad", pool=True)
