@@ -48,7 +48,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from agents.policy.precision import add_dtype_argument, describe_dtype
+from agents.policy.precision import add_dtype_argument, describe_dtype, dtype_name
 
 __all__ = [
     "EpisodeSummary",
@@ -201,7 +201,7 @@ class PolicyAgent:
         return {
             "prompt_style": self.policy.prompt_style,
             "max_new_tokens": self.max_new_tokens,
-            "dtype": str(self.policy.model.dtype).removeprefix("torch."),
+            "dtype": dtype_name(self.policy.model.dtype),
         }
 
 

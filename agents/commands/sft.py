@@ -40,7 +40,7 @@ from typing import Any, Callable, NamedTuple, Sequence
 import numpy as np
 
 from agents.policy.models import ModelImportError, resolve_model
-from agents.policy.precision import add_dtype_argument, describe_dtype
+from agents.policy.precision import add_dtype_argument, describe_dtype, dtype_name
 
 __all__ = [
     "Example",
@@ -574,7 +574,7 @@ def warm_start(
             "num_heads": getattr(config, "num_attention_heads", None),
             "parameters": parameters,
             "prompt_style": preset.prompt_style,
-            "dtype": str(policy.model.dtype).removeprefix("torch."),
+            "dtype": dtype_name(policy.model.dtype),
         },
         "data": {
             "train_tasks": len(task_seeds),

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["DTYPE_CHOICES", "cpu_bf16_flags", "resolve_dtype", "describe_dtype", "add_dtype_argument"]
+__all__ = ["DTYPE_CHOICES", "cpu_bf16_flags", "resolve_dtype", "describe_dtype", "dtype_name", "add_dtype_argument"]
 
 DTYPE_CHOICES = ("auto", "float32", "bfloat16")
 
@@ -82,12 +82,17 @@ def describe_dtype(name: str | None, device: str | torch.device = "cpu") -> str:
     import torch
 
     resolved = resolve_dtype(name, device)
-    shown = "the checkpoint's own dtype" if resolved == "auto" else str(resolved).removeprefix("torch.")
+    shown = "the checkpoint's own dtype" if resolved == "auto" else dtype_name(resolved)
     if name == "auto" and torch.device(device).type == "cpu":
         flags = cpu_bf16_flags()
         why = f"this CPU has {', '.join(flags)}" if flags else "this CPU has no bfloat16 instructions"
         return f"dtype auto -> {shown} ({why})"
     return f"dtype {name or 'default'} -> {shown}"
+
+
+def dtype_name(dtype) -> str:
+    """``torch.bfloat16`` -> ``"bfloat16"``: how reports and ``--dtype`` spell a dtype."""
+    return str(dtype).removeprefix("torch.")
 
 
 def add_dtype_argument(parser) -> None:
