@@ -147,7 +147,16 @@ def test_the_credit_assignment_spec_is_the_study():
 def test_the_smollm2_credit_spec_is_the_same_study_on_the_small_preset():
     spec = sweep.load_spec(ROOT / "benchmarks" / "credit_assignment_small.toml")
     assert spec.preset == "small" and spec.equal_budget and len(spec.runs) == 12
-    assert len({sweep.warm_start_key(spec, r) for r in spec.runs}) == 3  # one SmolLM2 warm start per seed
+    assert {r.seed for r in spec.runs} == {0, 1, 2} and len({r.config for r in spec.runs}) == 4
+    # Every run starts from the one shared warm start, so no run makes its own.
+    assert {sweep.warm_start_key(spec, r) for r in spec.runs} == {None}
+    assert {r.settings["model"] for r in spec.runs} == {"runs/ws"}
+    # Without the curriculum: the curriculum's last horizon only, for fewer steps (equal tokens).
+    curriculum, flat = (sweep.resolve(spec, r)[0].stages for r in spec.runs[:4:2])
+    assert len(curriculum) > 1 and len(flat) == 1 and flat[0].horizon == curriculum[-1].horizon
+    assert flat[0].steps < sum(s.steps for s in curriculum)
+    # Seed 0's four runs come first, so a sweep stopped early has whole seeds.
+    assert {r.seed for r in spec.runs[:4]} == {0}
     quick = sweep.load_spec(ROOT / "benchmarks" / "credit_assignment_small.toml", quick=True)
     assert quick.preset == "small" and sorted(r.values["algo"] for r in quick.runs) == ["grpo", "logo-grpo"]
 
