@@ -12,21 +12,22 @@ import json
 from dataclasses import replace
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
 from agents.policy import SharedPolicy  # noqa: E402
 from agents.commands.sft import (  # noqa: E402
-    IGNORE_INDEX,
     REPORT_NAME,
     Example,
     _batch_order,
     agent_final_score,
-    collate,
     format_report,
-    masked_lm_loss,
     sft_horizon,
+    sft_loss,
+    split_reply,
     teacher_examples,
     warm_start,
 )
@@ -119,51 +120,67 @@ def test_batch_order_is_seeded_and_covers_the_data():
 # ---------------------------------------------------------------------------- the loss
 
 
-def test_collate_labels_only_assistant_tokens():
-    rows = [([1, 3, 7, 8, 9, 2], [0, 0, 0, 1, 1, 1]), ([1, 3, 9, 2], [0, 0, 1, 1])]
-    input_ids, attention_mask, labels = collate(rows, pad_id=0)
-    assert input_ids.tolist() == [[1, 3, 7, 8, 9, 2], [1, 3, 9, 2, 0, 0]]
-    assert attention_mask.tolist() == [[1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0]]
-    x = IGNORE_INDEX
-    assert labels.tolist() == [[x, x, x, 8, 9, 2], [x, x, 9, 2, x, x]]
+@given(
+    st.lists(st.integers(0, 500), min_size=1, max_size=20),
+    st.lists(st.integers(0, 500), min_size=1, max_size=20),
+    st.lists(st.integers(0, 500), max_size=3),
+)
+def test_split_reply_returns_the_prompt_and_the_masked_tokens(prompt, reply, after):
+    ids = prompt + reply + after
+    mask = [0] * len(prompt) + [1] * len(reply) + [0] * len(after)
+    assert split_reply(ids, mask) == (prompt, reply)
 
 
-def test_loss_ignores_logits_that_predict_prompt_or_padding():
-    rows = [([1, 3, 7, 8, 9, 2], [0, 0, 0, 1, 1, 1]), ([1, 3, 9, 2], [0, 0, 1, 1])]
-    _, _, labels = collate(rows, pad_id=0)
-    logits = torch.randn(2, 6, 16, requires_grad=True)
-    loss = masked_lm_loss(logits, labels)
-    loss.backward()
-    # Position t predicts token t + 1: only positions whose next token is an assistant token
-    # receive gradient.
-    trained = torch.zeros(2, 6, dtype=torch.bool)
-    trained[:, :-1] = labels[:, 1:] != IGNORE_INDEX
-    grad_norm = logits.grad.abs().sum(-1)
-    assert torch.all(grad_norm[trained] > 0)
-    assert torch.all(grad_norm[~trained] == 0)
-    # Changing what the prompt and padding positions predict leaves the loss unchanged.
-    other = logits.detach().clone()
-    other[~trained] = torch.randn_like(other[~trained]) * 10
-    assert torch.allclose(masked_lm_loss(other, labels), loss.detach())
+def test_split_reply_refuses_masks_it_cannot_read():
+    with pytest.raises(ValueError, match="mask entries"):
+        split_reply([1, 2, 3], [0, 1])
+    with pytest.raises(ValueError, match="more than one run"):
+        split_reply([1, 2, 3, 4], [0, 1, 0, 1])
+    with pytest.raises(ValueError, match="no prompt"):
+        split_reply([1, 2], [1, 1])
 
 
-def test_loss_on_a_real_batch_is_the_mean_negative_logprob_of_the_replies(warm):
+def test_loss_is_the_token_mean_cross_entropy_of_the_replies(warm):
+    """``sft_loss`` (reply positions only, left padding) equals the textbook loss: full logits
+    of right-padded rows, cross-entropy on the reply tokens, one weight per token."""
+    import torch.nn.functional as F
+
     out, _ = warm
     policy = SharedPolicy.from_pretrained(out)
-    preset = CI_PRESET
-    examples = teacher_examples(preset, task_seeds(0, preset)["val"], horizon=3, noise=0.3, seed=0)[:6]
+    examples = teacher_examples(CI_PRESET, task_seeds(0, CI_PRESET)["val"], horizon=3, noise=0.3, seed=0)[:6]
     rows = [policy.training_example(e.role, e.text, e.action) for e in examples]
-    input_ids, attention_mask, labels = collate(rows, policy.pad_id)
+    pairs = [split_reply(ids, mask) for ids, mask in rows]
+    assert [p for p, _ in pairs] == [policy.render(e.role, e.text) for e in examples]
+    assert len({len(r) for _, r in pairs}) > 1  # replies of different lengths: a token mean differs from a row mean
+    total, count = 0.0, 0
     with torch.no_grad():
-        loss = masked_lm_loss(policy.model(input_ids=input_ids, attention_mask=attention_mask).logits, labels)
-        # The same tokens scored by a different code path (left padding, completion log-probs).
-        prompts = [policy.render(e.role, e.text) for e in examples]
-        replies = [ids[len(p) :] for (ids, _), p in zip(rows, prompts)]
-        logprobs = policy.logprobs_of(prompts, replies)
-    # The reply is the whole assistant turn up to its stop token, exactly the masked tokens.
-    assert [len(r) for r in replies] == [sum(m) for _, m in rows]
-    expected = -torch.cat(logprobs).mean()
-    assert abs(float(loss) - float(expected)) < 1e-4
+        for ids, mask in rows:  # one row at a time: no padding at all
+            logits = policy.model(input_ids=torch.tensor([ids])).logits[0, :-1].float()
+            targets = torch.tensor(ids[1:])
+            learned = torch.tensor(mask[1:], dtype=torch.bool)
+            total += float(F.cross_entropy(logits[learned], targets[learned], reduction="sum"))
+            count += int(learned.sum())
+        loss = sft_loss(policy, pairs)
+    assert abs(float(loss) - total / count) < 1e-4
+
+
+def test_gradient_checkpointing_changes_memory_not_the_training(warm):
+    """The `small` preset clones the teacher with activation checkpointing: the same losses and
+    weights as without it."""
+    from agents.commands.sft import behaviour_clone
+
+    out, _ = warm
+    examples = teacher_examples(CI_PRESET, task_seeds(0, CI_PRESET)["val"], horizon=2, noise=0.3, seed=0)[:24]
+    runs = []
+    for checkpointing in (False, True):
+        policy = SharedPolicy.from_pretrained(out)
+        history = behaviour_clone(policy, examples, steps=3, batch_size=8, lr=1e-3, seed=0, progress=False,
+                                  gradient_checkpointing=checkpointing)
+        assert any(getattr(m, "gradient_checkpointing", False) is True for m in policy.model.modules()) == checkpointing
+        runs.append((history["loss"], [p.detach().clone() for p in policy.model.parameters()]))
+    (plain_loss, plain_weights), (ckpt_loss, ckpt_weights) = runs
+    assert ckpt_loss == pytest.approx(plain_loss, abs=1e-5) and len(set(plain_loss)) == 3  # the weights moved
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(plain_weights, ckpt_weights))
 
 
 # --------------------------------------------------------------------- the CI warm start

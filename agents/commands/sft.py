@@ -46,8 +46,8 @@ __all__ = [
     "Example",
     "sft_horizon",
     "teacher_examples",
-    "collate",
-    "masked_lm_loss",
+    "split_reply",
+    "sft_loss",
     "behaviour_clone",
     "valid_json_rate",
     "agent_final_score",
@@ -59,9 +59,6 @@ __all__ = [
     "REPORT_NAME",
     "WarmStartError",
 ]
-
-IGNORE_INDEX = -100
-"""Label of the tokens that do not contribute to the loss (prompt and padding)."""
 
 MIN_SFT_HORIZON = 8
 """Fewest sessions per teacher episode, so that even CI presets with 2- or 3-session curricula get
@@ -152,50 +149,54 @@ def _probe_examples(examples: Sequence[Example], per_role: int, seed: int) -> li
 # ------------------------------------------------------------------------------- training
 
 
-def collate(rows: Sequence[tuple[Sequence[int], Sequence[int]]], pad_id: int):
-    """Right-pad ``(input_ids, mask)`` pairs into a training batch.
+def split_reply(ids: Sequence[int], mask: Sequence[int]) -> tuple[list[int], list[int]]:
+    """The prompt and the learned reply of a training example.
 
     Args:
-        rows: pairs from :meth:`agents.policy.SharedPolicy.training_example`; ``mask`` is 1 on
-            the tokens to learn (the assistant reply and its stop token).
-        pad_id: the padding token id.
+        ids, mask: a pair from :meth:`agents.policy.SharedPolicy.training_example`; ``mask`` is
+            1 on the tokens to learn (the assistant reply and its stop token), one run of ones.
 
     Returns:
-        ``(input_ids, attention_mask, labels)`` long tensors of shape ``(batch, longest row)``;
-        ``labels`` holds the token id where the mask is 1 and :data:`IGNORE_INDEX` on prompt
-        tokens and padding.
+        ``(prompt, reply)``: the ids before the first masked token and the masked ids. Tokens
+        after the reply (the template's end of turn) are dropped: a causal model's predictions of
+        the reply do not depend on them.
+
+    Raises:
+        ValueError: ``ids`` and ``mask`` differ in length, nothing precedes the reply, or the
+            ones of ``mask`` are not one contiguous run.
+    """
+    if len(ids) != len(mask):
+        raise ValueError(f"{len(ids)} ids but {len(mask)} mask entries")
+    on = [i for i, m in enumerate(mask) if m]
+    if on and on[-1] - on[0] + 1 != len(on):
+        raise ValueError("the mask marks more than one run of reply tokens")
+    start = on[0] if on else len(ids)
+    if start == 0:
+        raise ValueError("the reply starts at the first token; there is no prompt to condition on")
+    return list(ids[:start]), list(ids[start : start + len(on)])
+
+
+def sft_loss(policy, pairs: Sequence[tuple[Sequence[int], Sequence[int]]]):
+    """Mean next-token cross-entropy of the replies given their prompts, over a batch.
+
+    Every reply token of the batch has the same weight (a token mean, not a mean of per-row
+    means). The log-probs come from :meth:`agents.policy.SharedPolicy.logprobs_of` at
+    temperature 1: the same forward pass the RL update uses, which projects only the reply
+    positions to the vocabulary. Projecting every prompt position as well, as a plain
+    ``model(...).logits`` would, gives the same loss at several times the memory for a large
+    vocabulary (``benchmarks/update_memory.py --full-logits``).
+
+    Args:
+        policy: a :class:`~agents.policy.SharedPolicy`.
+        pairs: ``(prompt ids, reply ids)`` per row (:func:`split_reply`).
+
+    Returns:
+        A scalar tensor with gradients.
     """
     import torch
 
-    width = max(len(ids) for ids, _ in rows)
-    input_ids = torch.full((len(rows), width), int(pad_id), dtype=torch.long)
-    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
-    for row, (ids, mask) in enumerate(rows):
-        if len(ids) != len(mask):
-            raise ValueError(f"row {row}: {len(ids)} ids but {len(mask)} mask entries")
-        ids_t = torch.as_tensor(list(ids), dtype=torch.long)
-        mask_t = torch.as_tensor(list(mask), dtype=torch.bool)
-        input_ids[row, : len(ids)] = ids_t
-        attention_mask[row, : len(ids)] = 1
-        labels[row, : len(ids)] = torch.where(mask_t, ids_t, torch.full_like(ids_t, IGNORE_INDEX))
-    return input_ids, attention_mask, labels
-
-
-def masked_lm_loss(logits, labels):
-    """Mean next-token cross-entropy over the labelled tokens of a batch.
-
-    The logits at position ``t`` predict the token at ``t + 1``; positions whose next label is
-    :data:`IGNORE_INDEX` (prompt, padding) contribute nothing. Every labelled token of the batch
-    has the same weight (a token mean, not a mean of per-row means).
-    """
-    import torch.nn.functional as F
-
-    predictions = logits[:, :-1, :].float()
-    targets = labels[:, 1:]
-    return F.cross_entropy(
-        predictions.reshape(-1, predictions.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX
-    )
+    logprobs = policy.logprobs_of([p for p, _ in pairs], [r for _, r in pairs], temperature=1.0)
+    return -torch.cat(logprobs).mean()
 
 
 def _batch_order(lengths: Sequence[int], batch_size: int, steps: int, seed: int) -> list[list[int]]:
@@ -241,16 +242,21 @@ def behaviour_clone(
     weight_decay: float = 0.01,
     warmup: int | None = None,
     max_grad_norm: float = 1.0,
+    gradient_checkpointing: bool = False,
     callback: Callable[[int, dict], None] | None = None,
 ) -> dict[str, Any]:
     """Supervised fine-tuning of ``policy`` on the teacher's actions (in place).
 
     Each example becomes ``policy.training_example(role, text, action)``: the prompt exactly as
     the policy renders it for generation, followed by the action and the stop token; only the
-    latter are learned (:func:`masked_lm_loss`). Batches are drawn by :func:`_batch_order` from
-    ``seed``, right-padded, and trained with AdamW (:func:`agents.rl.optim.adamw`: float32 master
-    weights for a half-precision model), a linear warmup (default: 5% of the steps, at most 50)
-    followed by a cosine decay to a tenth of ``lr``, and gradient clipping.
+    latter are learned (:func:`sft_loss`). Batches are drawn by :func:`_batch_order` from
+    ``seed`` (rows of similar length together) and trained with AdamW
+    (:func:`agents.rl.optim.adamw`: float32 master weights for a half-precision model), a linear
+    warmup (default: 5% of the steps, at most 50) followed by a cosine decay to a tenth of
+    ``lr``, and gradient clipping. ``gradient_checkpointing`` turns activation checkpointing on
+    for good (it acts in training mode only; the `small` preset's ``gradient_checkpointing``):
+    on SmolLM2 it cuts a batch's peak memory about 2.6x and was no slower on this project's
+    CPUs (``benchmarks/update_memory.py``).
     ``callback(step, history)``, if given, runs after every optimizer step (``step`` counts from
     1); it may evaluate the model, which is put back in training mode afterwards.
 
@@ -267,9 +273,13 @@ def behaviour_clone(
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     rows = [policy.training_example(e.role, e.text, e.action) for e in examples]
+    pairs = [split_reply(ids, mask) for ids, mask in rows]
     model = policy.model
-    device = model.device
     warmup = max(1, min(50, steps // 20)) if warmup is None else max(1, warmup)
+    if gradient_checkpointing:
+        from agents.rl.update import enable_checkpointing
+
+        enable_checkpointing(model)
     optimizer = adamw(model.parameters(), lr=lr, weight_decay=weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _lr_factor(s, steps, warmup))
     history: dict[str, Any] = {"loss": [], "lr": [], "steps": steps, "examples": len(rows), "trained_tokens": 0}
@@ -284,10 +294,7 @@ def behaviour_clone(
     model.train()
     try:
         for batch in _batch_order([len(ids) for ids, _ in rows], batch_size, steps, seed):
-            input_ids, attention_mask, labels = collate([rows[i] for i in batch], policy.pad_id)
-            input_ids, attention_mask, labels = input_ids.to(device), attention_mask.to(device), labels.to(device)
-            logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
-            loss = masked_lm_loss(logits, labels)
+            loss = sft_loss(policy, [pairs[i] for i in batch])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
@@ -296,7 +303,7 @@ def behaviour_clone(
             scheduler.step()
             value = float(loss.detach())
             history["loss"].append(value)
-            history["trained_tokens"] += int((labels != IGNORE_INDEX).sum())
+            history["trained_tokens"] += sum(len(pairs[i][1]) for i in batch)
             smoothed = value if smoothed is None else 0.9 * smoothed + 0.1 * value
             if bar is not None:
                 bar.update(1)
@@ -545,7 +552,8 @@ def warm_start(
         torch.manual_seed(seed)
         before = valid_json_rate(policy, probes, max_new_tokens=max_new_tokens)
         history = behaviour_clone(
-            policy, examples, steps=steps, batch_size=batch_size, lr=lr, seed=seed, progress=progress
+            policy, examples, steps=steps, batch_size=batch_size, lr=lr, seed=seed, progress=progress,
+            gradient_checkpointing=preset.gradient_checkpointing,
         )
         after = valid_json_rate(policy, probes, max_new_tokens=max_new_tokens)
 
