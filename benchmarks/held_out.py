@@ -34,13 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-
-def bootstrap_ci(values, *, resamples: int = 10_000, seed: int = 0) -> tuple[float, float]:
-    """Percentile bootstrap 95% CI of the mean of ``values``."""
-    values = np.asarray(values, dtype=float)
-    rng = np.random.default_rng(seed)
-    means = values[rng.integers(0, len(values), size=(resamples, len(values)))].mean(axis=1)
-    return float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
+from agents.commands.sweep import bootstrap_ci
 
 
 def main() -> None:

@@ -235,6 +235,38 @@ def test_the_table_groups_seeds_and_compares_at_equal_budget(tmp_path):
     assert "1 of 4 runs have not finished: algo-grpo_seed-1" in md and "| grpo | 1 | 0.100 |" in md
 
 
+def test_paired_differences_pool_conversations_of_the_seeds_both_configurations_finished(tmp_path):
+    spec = parse_spec(_spec(axes={"algo": ["logo-grpo", "grpo"], "seed": [0, 1, 2]}))
+    per_task = {  # (algo, seed): test F1 per conversation; seed 2's GRPO run predates per-conversation F1
+        ("logo-grpo", 0): [0.5, 0.6, 0.7], ("grpo", 0): [0.4, 0.6, 0.5],
+        ("logo-grpo", 1): [0.2, 0.3, 0.1], ("grpo", 1): [0.2, 0.1, 0.1],
+        ("logo-grpo", 2): [0.9, 0.9, 0.9], ("grpo", 2): None,
+    }
+    results = {}
+    for r in spec.runs:
+        f1s = per_task[r.values["algo"], r.seed]
+        results[r.name] = _fake_result(r, 100, sum(f1s or [0.3]) / 3, [])
+        if f1s is not None:
+            results[r.name]["test"]["f1_per_task"] = f1s
+    (row,) = sweep.paired_differences(spec, results)
+    diffs = [0.1, 0.0, 0.2, 0.0, 0.2, 0.0]  # seeds 0 and 1, conversation by conversation
+    assert (row["a"], row["b"], row["seeds"], row["conversations"]) == ("algo=logo-grpo", "algo=grpo", 2, 6)
+    assert row["mean"] == pytest.approx(sum(diffs) / 6)
+    assert 0.0 <= row["ci_lo"] < row["mean"] < row["ci_hi"] <= 0.2
+    assert (row["ci_lo"], row["ci_hi"]) == sweep.bootstrap_ci([a - b for a, b in zip(*(
+        [x for s in (0, 1) for x in per_task[algo, s]] for algo in ("logo-grpo", "grpo")))])  # seeded: reproducible
+    sweep.write_report(spec, tmp_path, results)
+    md = (tmp_path / "results.md").read_text()
+    assert f"| algo=logo-grpo | algo=grpo | 2 | 6 | +0.083 [{row['ci_lo']:+.3f}, {row['ci_hi']:+.3f}] |" in md
+    assert (tmp_path / "paired.csv").read_text().splitlines()[0] == "a,b,seeds,conversations,mean,ci_lo,ci_hi"
+    # Runs without per-conversation F1 give no pairs and no paired table.
+    for res in results.values():
+        res["test"].pop("f1_per_task", None)
+    assert sweep.paired_differences(spec, results) == []
+    sweep.write_report(spec, tmp_path / "old", results)
+    assert "paired by seed" not in (tmp_path / "old" / "results.md").read_text()
+
+
 # ----------------------------------------------------------------------------- resuming (no Ray)
 
 

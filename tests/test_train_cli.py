@@ -48,6 +48,9 @@ def test_smoke_run_killed_mid_way_resumes_and_finishes(tmp_path):
     results = json.loads((out / "results.json").read_text())
     assert {v["stage"] for v in results["validation"]} == {0, 1}
     assert 0.0 <= results["test"]["f1"] <= 1.0
+    per_conversation = results["test"]["f1_per_task"]  # what paired comparisons of runs resample
+    assert len(per_conversation) == json.loads((out / "config.json").read_text())["n_test"]
+    assert sum(per_conversation) / len(per_conversation) == pytest.approx(results["test"]["f1"])
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     update_steps = [r["step"] for r in records if "update/rows" in r]
     assert update_steps == [1, 2]  # step 1 from the killed run, step 2 after resuming: nothing repeated

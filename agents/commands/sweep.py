@@ -33,7 +33,9 @@ atomically when the run's task returns, so a sweep killed at any point resumes w
 ``memr2 sweep`` again: finished runs are skipped, unfinished ones start over from their warm
 start. The table (``DIR/results.md``, ``DIR/results.csv``, per run ``DIR/runs.csv``) gives,
 per configuration (the runs that differ only in ``seed``), the mean and 95% CI over seeds;
-``DIR/results.png`` plots it. Run directories (checkpoints, metrics) are ``DIR/runs/<name>/``
+``DIR/results.png`` plots it. Under it (and in ``DIR/paired.csv``), every two configurations'
+test F1 difference paired by seed and test conversation, with a bootstrap CI over
+conversations. Run directories (checkpoints, metrics) are ``DIR/runs/<name>/``
 on the node that ran them (each attempt trains in ``DIR/runs/.<name>.attempt-*`` and is renamed
 when it finishes).
 
@@ -66,7 +68,7 @@ from agents.rl.curriculum import parse_stages
 
 __all__ = [
     "add_arguments", "run", "SpecError", "SweepSpec", "RunSpec", "load_spec", "parse_spec", "run_sweep",
-    "mean_ci", "t_quantile_975", "f1_at", "write_report", "ALGOS",
+    "mean_ci", "t_quantile_975", "f1_at", "bootstrap_ci", "paired_differences", "write_report", "ALGOS",
 ]
 
 ALGOS = ("logo-grpo", "grpo")
@@ -670,6 +672,54 @@ def mean_ci(values: Sequence[float]) -> tuple[float, float, float, int]:
     return mean, mean - half, mean + half, n
 
 
+def bootstrap_ci(values: Sequence[float], *, resamples: int = 10_000, seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap 95% CI of the mean of ``values`` (seeded: the same values give the
+    same interval)."""
+    import numpy as np
+
+    values = np.asarray(values, dtype=float)
+    if len(values) == 0:
+        return math.nan, math.nan
+    rng = np.random.default_rng(seed)
+    means = values[rng.integers(0, len(values), size=(resamples, len(values)))].mean(axis=1)
+    return float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
+
+
+def _config_label(config: tuple) -> str:
+    return ", ".join(f"{a}={_cell(v)}" for a, v in config) or "all"
+
+
+def paired_differences(spec: SweepSpec, results: dict[str, dict]) -> list[dict]:
+    """Test F1 of every two configurations, paired by seed and test conversation.
+
+    A seed counts for configurations A and B when both its runs finished with per-conversation
+    test F1 (``f1_per_task``; runs of ``memr2 train`` before 2026-12-04 lack it). Both runs of a
+    seed play the same test conversations, so each conversation gives one difference A - B; the
+    differences of all counted seeds are pooled and their mean gets a percentile-bootstrap 95% CI.
+    That CI resamples conversations for the seeds at hand: it is narrower than the table's CI over
+    seeds, and it does not cover the spread between training seeds.
+
+    Returns one row per pair (in the order of the configurations):
+    ``{"a", "b", "seeds", "conversations", "mean", "ci_lo", "ci_hi"}``.
+    """
+    per_config: dict[tuple, dict[int, list[float]]] = {}
+    for r in spec.runs:
+        per_task = results.get(r.name, {}).get("test", {}).get("f1_per_task")
+        per_config.setdefault(r.config, {})
+        if per_task:
+            per_config[r.config][r.seed] = per_task
+    rows = []
+    for a, b in itertools.combinations(per_config, 2):
+        seeds = [s for s in per_config[a] if s in per_config[b] and len(per_config[a][s]) == len(per_config[b][s])]
+        diffs = [x - y for s in seeds for x, y in zip(per_config[a][s], per_config[b][s])]
+        if not diffs:
+            continue
+        lo, hi = bootstrap_ci(diffs)
+        rows.append({"a": _config_label(a), "b": _config_label(b), "seeds": len(seeds), "conversations": len(diffs),
+                     "mean": sum(diffs) / len(diffs), "ci_lo": lo, "ci_hi": hi})
+    return rows
+
+
 def f1_at(curve: Sequence[tuple[float, float]], budget: float) -> float:
     """Held-out F1 of the last point of ``curve`` (tokens, F1) at or below ``budget`` tokens
     (NaN when none is)."""
@@ -752,13 +802,17 @@ def _ci(row: dict, metric: str) -> str:
 
 
 def write_report(spec: SweepSpec, out: Path, results: dict[str, dict]) -> None:
-    """``results.md``, ``results.csv`` (per configuration), ``runs.csv`` (per run) and
-    ``results.png`` under ``out``."""
+    """``results.md``, ``results.csv`` (per configuration), ``runs.csv`` (per run), ``paired.csv``
+    (:func:`paired_differences`, when runs recorded per-conversation F1) and ``results.png``
+    under ``out``."""
     out = Path(out)
     rows, per_run = table_rows(spec, results)
     if not per_run:
         return
-    for name, data in (("results.csv", rows), ("runs.csv", per_run)):
+    paired = paired_differences(spec, results)
+    for name, data in (("results.csv", rows), ("runs.csv", per_run), ("paired.csv", paired)):
+        if not data:
+            continue
         buf = io.StringIO()
         writer = csv.DictWriter(buf, fieldnames=list(data[0]), lineterminator="\n")
         writer.writeheader()
@@ -766,7 +820,8 @@ def write_report(spec: SweepSpec, out: Path, results: dict[str, dict]) -> None:
             writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
         _write_atomic(out / name, buf.getvalue().encode())
 
-    _write_atomic(out / "results.md", ("\n".join(markdown_table(spec, rows, results)) + "\n").encode())
+    lines = markdown_table(spec, rows, results) + paired_table(paired)
+    _write_atomic(out / "results.md", ("\n".join(lines) + "\n").encode())
     _plot(spec, out, rows, per_run, results)
 
 
@@ -801,6 +856,19 @@ def markdown_table(spec: SweepSpec, rows: list[dict], results: dict[str, dict]) 
     if spec.equal_budget:
         lines += ["", "Equal token budget: each run's validation curve (held-out F1 against generated tokens, the "
                   "starting policy at 0) is read at the smallest final budget among the runs with its seed."]
+    return lines
+
+
+def paired_table(paired: list[dict]) -> list[str]:
+    """The lines of ``results.md`` under the main table: :func:`paired_differences`."""
+    if not paired:
+        return []
+    lines = ["", "Test F1 differences, paired by seed and test conversation (A - B; 95% bootstrap CI over the "
+             "pooled conversations, which does not cover the spread between training seeds):", "",
+             "| A | B | seeds | conversations | A - B (95% CI) |", "|---|---|---:|---:|---:|"]
+    for row in paired:
+        cell = f"{row['mean']:+.3f} [{row['ci_lo']:+.3f}, {row['ci_hi']:+.3f}]"
+        lines.append(f"| {row['a']} | {row['b']} | {row['seeds']} | {row['conversations']} | {cell} |")
     return lines
 
 

@@ -274,9 +274,10 @@ def _curriculum(preset, *, out, algo, seed, device, progress, policy, state, opt
         shutil.rmtree(final)
     shutil.copytree(state["stage_start"], final)
     horizon = preset.stages[-1].horizon
+    # Per-conversation F1 as well: paired comparisons of runs (memr2 sweep) resample conversations.
     test = validate(policy, make_env_fn(preset, horizon, seeds["test"]), range(len(seeds["test"])), max_new_tokens=preset.max_new_tokens, seed=seed,
-                    max_batch=preset.rollout_batch)
-    logger.log(state["global_step"], {f"test/{k}": v for k, v in test.items()})
+                    max_batch=preset.rollout_batch, per_task=True)
+    logger.log(state["global_step"], {f"test/{k}": v for k, v in test.items() if k != "f1_per_task"})
     logger.close()
     results = {"settings": settings, "validation": state["validation"], "test": test, "generated_tokens": state["generated_tokens"]}
     (out / "results.json").write_text(json.dumps(results, indent=2))
