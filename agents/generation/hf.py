@@ -127,10 +127,14 @@ class HFBackend:
             )
         new_tokens = out.sequences[:, input_ids.shape[1] :]
         # logits: one (batch, vocab) tensor per generated position, raw (before temperature).
-        logits = torch.stack(out.logits, dim=1).float()
+        # One position at a time: stacking them first would hold several copies of a
+        # (batch, new tokens, vocab) tensor, gigabytes for a 49k vocabulary.
         scale = 1.0 if greedy else float(temperature)
-        logprobs = torch.log_softmax(logits / scale, dim=-1)
-        token_logprobs = logprobs.gather(-1, new_tokens.unsqueeze(-1)).squeeze(-1)
+        token_logprobs = torch.stack([
+            torch.log_softmax(step.float() / scale, dim=-1).gather(-1, new_tokens[:, t : t + 1]).squeeze(-1)
+            for t, step in enumerate(out.logits)
+        ], dim=1)
+        del out
         return [
             _trim(new_tokens[i].tolist(), token_logprobs[i].tolist(), self.stop_ids)
             for i in range(new_tokens.shape[0])
