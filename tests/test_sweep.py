@@ -318,7 +318,8 @@ def test_a_killed_sweep_resumes_with_the_unfinished_runs_only(tmp_path, fake_job
         sweep.run_sweep(spec, out, local=True, log=lambda s: None)
     first = list(fake_jobs["runs"])
     assert sorted(p.stem for p in (out / "results").glob("*.json")) == sorted(first) and len(first) == 2
-    assert not (out / "results.md").exists()
+    # The table of what finished is written after every run, so a killed sweep leaves it.
+    assert "2 of 4 runs have not finished" in (out / "results.md").read_text()
     (out / "results" / ".algo-grpo_seed-0.json.x1.tmp").write_text("{")  # a result write cut short by the kill
     assert len(list((out / "warm_starts").glob("*.tar.gz"))) == 2  # both seeds' warm starts were saved by then
 
@@ -332,6 +333,25 @@ def test_a_killed_sweep_resumes_with_the_unfinished_runs_only(tmp_path, fake_job
     fake_jobs.update(runs=[])
     sweep.run_sweep(spec, out, local=True, log=lambda s: None)
     assert fake_jobs["runs"] == [] and _table(out) == _table(whole)
+
+
+def test_report_writes_the_table_of_the_finished_runs_and_runs_nothing(tmp_path, fake_jobs, capsys):
+    from agents.cli import main
+
+    spec_path = tmp_path / "spec.toml"
+    spec_path.write_text('[sweep]\npreset = "smoke"\n[axes]\nalgo = ["logo-grpo", "grpo"]\nseed = [0, 1]\n')
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit, match="no run of .* has finished"):
+        main(["sweep", str(spec_path), "--out", str(out), "--report"])
+    fake_jobs["kill_after"] = 3
+    with pytest.raises(Killed):
+        sweep.run_sweep(sweep.load_spec(spec_path), out, local=True, log=lambda s: None)
+    (out / "results.md").unlink()
+    fake_jobs.update(runs=[], kill_after=None)
+    assert main(["sweep", str(spec_path), "--out", str(out), "--report"]) == 0
+    assert fake_jobs["runs"] == [] and "3 of 4 runs finished" in capsys.readouterr().out
+    md = (out / "results.md").read_text()
+    assert "1 of 4 runs have not finished: algo-grpo_seed-1" in md and len(_table(out)) == 2
 
 
 def test_a_failed_run_is_reported_and_retried_next_time(tmp_path, fake_jobs, capsys):

@@ -547,7 +547,8 @@ def _jsonable(obj):
 
 
 def run_sweep(spec: SweepSpec, out: str | Path, *, local: bool = False, ray=None, log: Callable[[str], Any] = print) -> dict[str, dict]:
-    """Run every unfinished run of ``spec`` into ``out`` and write the report.
+    """Run every unfinished run of ``spec`` into ``out`` and write the report (again after every
+    finished run, so that a sweep stopped early leaves the table of what finished).
 
     ``local``: one after another in this process; otherwise as Ray tasks (``ray``: the
     initialised Ray module). Returns the results by run name. Failed runs are reported and
@@ -571,6 +572,7 @@ def run_sweep(spec: SweepSpec, out: str | Path, *, local: bool = False, ray=None
         done[r.name] = record
         log(f"[{len(done)}/{len(spec.runs)}] {r.name}: test F1 {result['test']['f1']:.3f}, "
             f"{result['generated_tokens']:,} tokens, {result['wall_s']:.0f} s")
+        write_report(spec, out, done)  # kept current: a sweep stopped early leaves the table so far
 
     threads = max(1, int(spec.cpus))
     if local:
@@ -923,6 +925,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ray-address", default=None, help="a running Ray cluster (host:port or auto; default: start a local one)")
     p.add_argument("--local", action="store_true", help="run the runs one after another in this process, without Ray (debugging)")
     p.add_argument("--dry-run", action="store_true", help="check the spec, list the runs and what is finished, run nothing")
+    p.add_argument("--report", action="store_true", help="write the table of the finished runs (say of a stopped sweep), run nothing")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -937,6 +940,12 @@ def run(args: argparse.Namespace) -> int:
         for r in spec.runs:
             print(f"{'done' if r.name in done else 'todo'}  {r.name}  {_describe(r.settings)}")
         print(f"{len(spec.runs)} runs, {len(done)} finished")
+        return 0
+    if args.report:
+        if not done:
+            raise SystemExit(f"memr2 sweep: no run of {args.spec} has finished in {args.out}; nothing to report")
+        write_report(spec, Path(args.out), done)
+        print(f"{len(done)} of {len(spec.runs)} runs finished; table: {Path(args.out) / 'results.md'}")
         return 0
     ray, started = None, False
     if not args.local:  # before any run: Ray missing, a cluster that is down or too small is a clear error now
