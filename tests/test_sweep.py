@@ -372,40 +372,114 @@ def test_a_directory_holding_other_settings_is_refused(tmp_path, fake_jobs):
         sweep.run_sweep(changed, tmp_path, local=True, log=lambda s: None)
 
 
-def test_a_run_trains_in_its_own_attempt_directory_and_lands_at_its_name(tmp_path, monkeypatch):
-    """Leftovers of a killed attempt (even one a stray worker still writes to) never mix with
-    the run that replaces it: each attempt has its own directory, renamed when it finishes."""
-    import agents.commands.train as train_module
+class _FakeTrain:
+    """Stands in for ``train``: records where and how it was called, writes a metrics file."""
 
-    seen = {}
+    def __init__(self):
+        self.calls = []
 
-    def fake_train(preset, *, out, algo, model_path, seed, device, progress, preset_name):
-        seen["out"] = Path(out)
-        assert (Path(out) / "warm_start" / "config.json").read_text() == "{}"  # the shared warm start, unpacked
-        assert not (Path(out) / "old.txt").exists()
-        (Path(out) / "metrics.jsonl").write_text(
-            '{"time/step_s": 2.0, "global/groups": 4, "global/zero_variance_groups": 1, "local/groups": 0}\n'
-            '{"val/f1": 0.1}\n'
-            '{"time/step_s": 4.0, "global/groups": 4, "global/zero_variance_groups": 2, "local/groups": 0}\n')
-        return {"test": {"f1": 0.5, "memory_size": 3.0}, "generated_tokens": 77,
+    def __call__(self, preset, *, out, algo, model_path, seed, device, progress, preset_name, resume):
+        out = Path(out)
+        self.calls.append({"out": out, "resume": resume, "files": sorted(p.name for p in out.iterdir())})
+        assert (out / "warm_start" / "config.json").read_text() == "{}"  # the shared warm start, unpacked
+        with open(out / "metrics.jsonl", "a") as f:
+            f.write('{"time/step_s": 2.0, "global/groups": 4, "global/zero_variance_groups": 1, "local/groups": 0}\n'
+                    '{"val/f1": 0.1}\n'
+                    '{"time/step_s": 4.0, "global/groups": 4, "global/zero_variance_groups": 2, "local/groups": 0}\n')
+        return {"test": {"f1": 0.5, "memory_size": 3.0}, "generated_tokens": 77, "elapsed_s": 12.5,
                 "validation": [{"train_generated_tokens": 77, "f1": 0.25}]}
 
-    monkeypatch.setattr(train_module, "train", fake_train)
+
+@pytest.fixture
+def one_run(tmp_path, monkeypatch):
+    """A run of the smoke spec about to execute in ``tmp_path/runs``, with ``train`` faked."""
+    import agents.commands.train as train_module
+
+    fake = _FakeTrain()
+    monkeypatch.setattr(train_module, "train", fake)
+    monkeypatch.setattr(sweep, "_start_f1", lambda *a: 0.125)
     warm = tmp_path / "warm"
     warm.mkdir()
     (warm / "config.json").write_text("{}")
+    spec = parse_spec(_spec())
+    preset, job = sweep.resolve(spec, spec.runs[0])
     runs = tmp_path / "runs"
-    (runs / "a").mkdir(parents=True)
+    runs.mkdir()
+    settings = train_module.run_settings(preset, preset_name="sweep-smoke", algo=job["algo"], seed=job["seed"], model_path=None)
+
+    def execute(start_point=False):
+        return sweep.execute_run(preset, job, str(runs / "a"), sweep._pack_dir(warm), 1, "sweep-smoke", start_point)
+
+    def attempt(name, *, config=settings, checkpoint_step=None):
+        """A directory a killed attempt left behind."""
+        d = runs / f".a.attempt-{name}"
+        d.mkdir()
+        if config is not None:
+            (d / "config.json").write_text(json.dumps(config))
+        if checkpoint_step is not None:
+            ck = d / "checkpoints" / f"checkpoint-{checkpoint_step}"
+            ck.mkdir(parents=True)
+            (ck / "trainer_state.json").write_text("{}")
+        return d
+
+    return fake, runs, execute, attempt, settings
+
+
+def test_a_run_trains_in_its_own_attempt_directory_and_lands_at_its_name(one_run):
+    """Leftovers of a killed attempt that cannot be resumed never mix with the run that
+    replaces it: each attempt has its own directory, renamed when it finishes."""
+    fake, runs, execute, attempt, settings = one_run
+    (runs / "a").mkdir()
     (runs / "a" / "old.txt").write_text("from a killed sweep")
-    (runs / ".a.attempt-dead").mkdir()
-    preset, job = sweep.resolve(parse_spec(_spec()), parse_spec(_spec()).runs[0])
-    result = sweep.execute_run(preset, job, str(runs / "a"), sweep._pack_dir(warm), 1, "sweep-smoke", False)
-    assert seen["out"].name.startswith(".a.attempt-") and seen["out"].parent == runs
+    attempt("no-checkpoint")
+    attempt("other-settings", config={**settings, "lr": 0.5}, checkpoint_step=3)
+    result = execute()
+    [call] = fake.calls
+    assert call["out"].name.startswith(".a.attempt-") and call["out"].parent == runs and not call["resume"]
+    assert call["files"] == [".attempt.lock", "warm_start"]  # a fresh directory
     assert sorted(p.name for p in runs.iterdir()) == ["a"]
-    assert (runs / "a" / "metrics.jsonl").exists() and not (runs / "a" / "old.txt").exists()
+    assert sorted(p.name for p in (runs / "a").iterdir()) == ["metrics.jsonl", "warm_start"]  # no lock file left
     assert result["step_s"] == [2.0, 4.0] and result["curve"] == [(77, 0.25)] and result["run_dir"] == str(runs / "a")
+    assert result["wall_s"] == 12.5 and result["resumed_from"] is None
     # 3 of 8 global groups had equal rewards; GRPO made no local groups, so no share for them.
     assert result["zero_var_global"] == 3 / 8 and math.isnan(result["zero_var_local"])
+
+
+def test_a_killed_attempt_with_a_checkpoint_is_resumed(one_run):
+    """A sweep killed mid-run loses at most the unfinished step: the next attempt continues in
+    the killed attempt's directory from its furthest checkpoint (train(resume=True)), keeps its
+    starting point's F1 instead of measuring it again, and clears the other leftovers."""
+    fake, runs, execute, attempt, settings = one_run
+    behind = attempt("behind", checkpoint_step=2)
+    ahead = attempt("ahead", checkpoint_step=5)
+    (ahead / "start_f1.json").write_text('{"f1": 0.375}')
+    (ahead / "metrics.jsonl").write_text('{"time/step_s": 1.0, "global/groups": 4, "global/zero_variance_groups": 0}\n')
+    result = execute(start_point=True)
+    [call] = fake.calls
+    assert call["out"] == ahead and call["resume"]
+    assert not behind.exists() and sorted(p.name for p in runs.iterdir()) == ["a"]
+    assert result["resumed_from"] == 5
+    assert result["curve"] == [(0, 0.375), (77, 0.25)]
+    assert result["step_s"] == [1.0, 2.0, 4.0]  # the killed attempt's steps count
+    assert json.loads((runs / "a" / "start_f1.json").read_text()) == {"f1": 0.375}
+
+
+def test_an_attempt_another_process_holds_is_left_alone(one_run, monkeypatch):
+    """A worker of a killed sweep may still be writing its attempt: while it holds the lock,
+    the new attempt neither resumes nor deletes that directory."""
+    import fcntl
+
+    fake, runs, execute, attempt, settings = one_run
+    monkeypatch.setattr(sweep, "_STALE_WAIT_S", 0.2)
+    live = attempt("live", checkpoint_step=4)
+    with open(live / ".attempt.lock", "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        result = execute(start_point=True)
+        [call] = fake.calls
+        assert call["out"] != live and not call["resume"] and result["resumed_from"] is None
+        assert result["curve"][0] == (0, 0.125)  # measured afresh
+        assert (live / "checkpoints" / "checkpoint-4" / "trainer_state.json").exists()
+    assert sorted(p.name for p in runs.iterdir()) == [".a.attempt-live", "a"]
 
 
 # ----------------------------------------------------------------------------- the command line

@@ -40,6 +40,15 @@ def test_smoke_run_killed_mid_way_resumes_and_finishes(tmp_path):
     refused = _train(out)
     assert refused.wait(timeout=120) != 0 and "--resume" in refused.stdout.read()
 
+    # A step logged after the last checkpoint (the kill fell between the two) is redone on
+    # resume, so the log is cut back to what the checkpoint had logged.
+    from agents.commands.checkpoint import latest_checkpoint
+
+    kept = json.loads((latest_checkpoint(out / "checkpoints") / "trainer_state.json").read_text())
+    assert kept["metrics_bytes"] <= len((out / "metrics.jsonl").read_bytes()) and kept["elapsed_s"] > 0
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({"step": kept["global_step"] + 1, "update/rows": -1}) + "\n")
+
     resumed = _train(out, "--resume")
     log = resumed.communicate(timeout=900)[0]
     assert resumed.returncode == 0, log
@@ -54,6 +63,8 @@ def test_smoke_run_killed_mid_way_resumes_and_finishes(tmp_path):
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     update_steps = [r["step"] for r in records if "update/rows" in r]
     assert update_steps == [1, 2]  # step 1 from the killed run, step 2 after resuming: nothing repeated
+    assert all(r.get("update/rows") != -1 for r in records)
+    assert results["elapsed_s"] > kept["elapsed_s"]  # the killed attempt's time counts
     for name in ("curves.png", "config.json", "final/config.json", "warm_start/sft_report.json"):
         assert (out / name).exists(), name
     assert json.loads((out / "config.json").read_text())["rollout_batch"] == 3

@@ -76,6 +76,12 @@ class MetricsLogger:
                     self._writer.add_scalar(key, value, global_step=int(step), walltime=now)
         return record
 
+    @property
+    def position(self) -> int:
+        """Size in bytes of the JSONL file so far (every record is flushed as it is logged): a
+        resumed run cuts the file back to the size its checkpoint recorded."""
+        return self._file.tell()
+
     def close(self) -> None:
         """Close the file and the TensorBoard writer; calling it twice is harmless."""
         if not self._file.closed:

@@ -30,14 +30,16 @@ settings; only RL settings, algo and curriculum differ) share one: it is compute
 its own task, saved under ``DIR/warm_starts/`` and shipped to the runs through the object
 store. A run is finished when ``DIR/results/<name>.json`` exists; the driver writes it
 atomically when the run's task returns, so a sweep killed at any point resumes with
-``memr2 sweep`` again: finished runs are skipped, unfinished ones start over from their warm
-start. The table (``DIR/results.md``, ``DIR/results.csv``, per run ``DIR/runs.csv``) gives,
+``memr2 sweep`` again: finished runs are skipped, and an unfinished one continues from its last
+checkpoint (every update step writes one, so at most a step is redone; a run with no
+checkpoint yet starts over from its warm start). The table (``DIR/results.md``, ``DIR/results.csv``, per run ``DIR/runs.csv``) gives,
 per configuration (the runs that differ only in ``seed``), the mean and 95% CI over seeds;
 ``DIR/results.png`` plots it. Under it (and in ``DIR/paired.csv``), every two configurations'
 test F1 difference paired by seed and test conversation, with a bootstrap CI over
 conversations. Run directories (checkpoints, metrics) are ``DIR/runs/<name>/``
-on the node that ran them (each attempt trains in ``DIR/runs/.<name>.attempt-*`` and is renamed
-when it finishes).
+on the node that ran them (each attempt trains in ``DIR/runs/.<name>.attempt-*``, locked while
+it runs, and is renamed when it finishes; resuming needs the killed attempt's directory, so a
+run resumes only on a node that shares the sweep directory with the one that ran it).
 
 Every spec error (an unknown setting, an empty axis, a duplicate run name...), a missing Ray
 and an unreachable ``--ray-address`` are reported before any run starts.
@@ -434,52 +436,123 @@ def execute_warm_start(preset: TrainPreset, job: dict[str, Any], threads: int) -
 
 def execute_run(preset: TrainPreset, job: dict[str, Any], out: str, warm: bytes | None, threads: int,
                 preset_name: str, start_point: bool) -> dict[str, Any]:
-    """Run one grid point from scratch and return what the table needs; its directory ends up
-    at ``out``.
+    """Run one grid point and return what the table needs; its directory ends up at ``out``.
 
-    Each attempt trains in a directory of its own next to ``out`` and renames it to ``out``
-    when done: a worker of a killed sweep that is still finishing its task (Ray workers notice
-    the end of their node after a few seconds) writes only into its own attempt, never into
-    the directory of the run that replaces it. Older attempts are removed first."""
-    import uuid
-
+    Each attempt trains in a directory of its own next to ``out`` (``.<name>.attempt-<id>``),
+    holds an exclusive lock on it while it runs, and renames it to ``out`` when done. An
+    attempt left by a killed sweep is taken over when its lock is free: if it has a complete
+    checkpoint and the same settings, the run resumes from that checkpoint (as ``memr2 train
+    --resume``, so at most the unfinished step is redone); otherwise it is removed and the run
+    starts over. An attempt whose lock is still held (a worker of a killed sweep that has not
+    yet noticed the end of its node) is left alone, so no two processes ever write into one
+    directory."""
     from agents.commands.logging import read_metrics, summarize_training
-    from agents.commands.train import train
+    from agents.commands.train import run_settings, train
 
     final = Path(out)
     final.parent.mkdir(parents=True, exist_ok=True)
-    for stale in final.parent.glob(f".{final.name}.attempt-*"):
-        shutil.rmtree(stale, ignore_errors=True)
-    out_dir = final.parent / f".{final.name}.attempt-{uuid.uuid4().hex[:8]}"
-    out_dir.mkdir()
-    if warm is not None:
-        _unpack_dir(warm, out_dir / "warm_start")
-    before = _set_threads(threads)
-    try:
-        model_path = None
-        if job["model"] is not None:
-            from agents.policy.models import resolve_model
+    model_path = None
+    if job["model"] is not None:
+        from agents.policy.models import resolve_model
 
-            model_path = resolve_model(job["model"])
-        start_f1 = None
-        if start_point:  # held-out F1 of the starting policy: the curve's point at 0 generated tokens
-            start_f1 = _start_f1(preset, job, out_dir, model_path)
-        t0 = time.perf_counter()
-        res = train(preset, out=out_dir, algo=job["algo"], model_path=model_path, seed=job["seed"], device=job["device"],
-                    progress=False, preset_name=preset_name)
-        wall = time.perf_counter() - t0
+        model_path = resolve_model(job["model"])
+    settings = run_settings(preset, preset_name=preset_name, algo=job["algo"], seed=job["seed"], model_path=model_path)
+    out_dir, lock, resumed_from = _claim_attempt(final, settings)
+    try:
+        if warm is not None and not (out_dir / "warm_start" / "config.json").exists():
+            _unpack_dir(warm, out_dir / "warm_start")
+        before = _set_threads(threads)
+        try:
+            start_f1 = None
+            if start_point:  # held-out F1 of the starting policy: the curve's point at 0 generated tokens
+                saved = out_dir / "start_f1.json"
+                if saved.exists():
+                    start_f1 = json.loads(saved.read_text())["f1"]
+                else:
+                    start_f1 = _start_f1(preset, job, out_dir, model_path)
+                    _write_atomic(saved, json.dumps({"f1": start_f1}).encode())
+            res = train(preset, out=out_dir, algo=job["algo"], model_path=model_path, seed=job["seed"], device=job["device"],
+                        progress=False, preset_name=preset_name, resume=resumed_from is not None)
+        finally:
+            _set_threads(before)
+        summary = summarize_training(read_metrics(out_dir / "metrics.jsonl"))
+        curve = [] if start_f1 is None else [(0, start_f1)]
+        curve += [(v["train_generated_tokens"], v["f1"]) for v in res["validation"]]
+        (out_dir / _ATTEMPT_LOCK).unlink(missing_ok=True)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(out_dir, final)
     finally:
-        _set_threads(before)
-    summary = summarize_training(read_metrics(out_dir / "metrics.jsonl"))
-    curve = [] if start_f1 is None else [(0, start_f1)]
-    curve += [(v["train_generated_tokens"], v["f1"]) for v in res["validation"]]
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(out_dir, final)
+        lock.close()
     return {
         "test": res["test"], "generated_tokens": res["generated_tokens"], "curve": curve,
-        "validation": res["validation"], "wall_s": wall, "step_s": summary["step_s"], "run_dir": str(final),
+        "validation": res["validation"], "wall_s": res["elapsed_s"], "step_s": summary["step_s"], "run_dir": str(final),
         "zero_var_global": summary["zero_var_global"], "zero_var_local": summary["zero_var_local"],
+        "resumed_from": resumed_from,
     }
+
+
+_ATTEMPT_LOCK = ".attempt.lock"
+
+
+def _lock(directory: Path, wait_s: float = 0.0):
+    """An exclusive ``flock`` on ``directory`` (the open lock file; closing it unlocks), or
+    ``None`` if another process still holds it after ``wait_s`` seconds. The lock dies with its
+    process, so a killed attempt's directory is free at once."""
+    import fcntl
+
+    deadline = time.monotonic() + wait_s
+    f = open(directory / _ATTEMPT_LOCK, "a")
+    while True:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return f
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                f.close()
+                return None
+            time.sleep(0.5)
+
+
+_STALE_WAIT_S = 30.0  # how long an earlier attempt's lock may take to free (its worker to die)
+
+
+def _claim_attempt(final: Path, settings: dict[str, Any]):
+    """The locked directory this attempt of run ``final`` trains in, its lock, and the step of
+    the checkpoint it resumes from (``None``: a fresh start).
+
+    Of the earlier attempts whose lock frees within ``_STALE_WAIT_S`` seconds, the one with the
+    furthest complete checkpoint made with ``settings`` is kept and resumed; the rest are
+    removed. Attempts still locked are left alone."""
+    import uuid
+
+    from agents.commands.checkpoint import latest_checkpoint
+
+    best: tuple[int, Path, Any] | None = None
+    for stale in sorted(final.parent.glob(f".{final.name}.attempt-*")):
+        lock = _lock(stale, _STALE_WAIT_S)
+        if lock is None:
+            continue
+        last = latest_checkpoint(stale / "checkpoints")
+        config = stale / "config.json"
+        same = config.exists() and json.loads(config.read_text()) == settings
+        if last is not None and same:
+            step = int(last.name.split("-", 1)[1])
+            if best is None or step > best[0]:
+                if best is not None:
+                    _discard(best[1], best[2])
+                best = (step, stale, lock)
+                continue
+        _discard(stale, lock)
+    if best is not None:
+        return best[1], best[2], best[0]
+    out_dir = final.parent / f".{final.name}.attempt-{uuid.uuid4().hex[:8]}"
+    out_dir.mkdir()
+    return out_dir, _lock(out_dir), None
+
+
+def _discard(directory: Path, lock) -> None:
+    shutil.rmtree(directory, ignore_errors=True)
+    lock.close()
 
 
 def _start_f1(preset, job, out_dir: Path, model_path) -> float:

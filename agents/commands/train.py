@@ -5,7 +5,9 @@ build the tiny model and warm-start it from the noisy teacher (or load ``--model
 with LoGo-GRPO (or ``--algo grpo``) through the 8 -> 16 -> 32 horizon curriculum, evaluate on
 the test tasks, and write metrics (JSONL, TensorBoard when installed), PNG learning curves and
 checkpoints under ``--out``. ``--resume`` continues an interrupted run from its last completed
-update step.
+update step: the metrics log is cut back to what that checkpoint had logged (a step logged
+after it is logged again, not twice) and ``elapsed_s`` in ``results.json`` adds up the time of
+every attempt up to its last checkpoint.
 
 Layout of ``--out``::
 
@@ -23,7 +25,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
+import time
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
@@ -135,6 +139,7 @@ def train(
 
     from agents.commands.checkpoint import latest_checkpoint, load_checkpoint
 
+    t0 = time.perf_counter()
     out = Path(out)
     ckpt_dir = out / "checkpoints"
     last = latest_checkpoint(ckpt_dir)
@@ -145,7 +150,7 @@ def train(
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
     seeds = task_seeds(seed, preset)
-    settings = {"preset": preset_name, "algo": algo, "seed": seed, "model": str(model_path) if model_path else None, **_jsonable(asdict(preset))}
+    settings = run_settings(preset, preset_name=preset_name, algo=algo, seed=seed, model_path=model_path)
     if not resume or not (out / "config.json").exists():
         (out / "config.json").write_text(json.dumps(settings, indent=2))
 
@@ -178,9 +183,18 @@ def train(
         from agents.commands.checkpoint import restore_rng_state
 
         restore_rng_state(ck["rng_state"])
+        # Records logged after the checkpoint are logged again by the steps that redo them.
+        _rewind_metrics(out / "metrics.jsonl", state.get("metrics_bytes"))
         print(f"resuming from {last} (stage {state['stage'] + 1}, step {state['step']})")
+    elif resume:
+        _rewind_metrics(out / "metrics.jsonl", 0)  # killed before its first checkpoint: the run starts over
     if policy is None:
         policy = _load_policy(Path(state["stage_start"]), preset, device)
+
+    elapsed_before = float(state.get("elapsed_s", 0.0))
+
+    def clock() -> float:  # seconds of work this run has kept, over all its attempts
+        return elapsed_before + time.perf_counter() - t0
 
     pool = None
     if workers:
@@ -190,14 +204,19 @@ def train(
     try:
         return _curriculum(
             preset, out=out, algo=algo, seed=seed, device=device, progress=progress, policy=policy, state=state,
-            optimizer_state=optimizer_state, seeds=seeds, settings=settings, pool=pool,
+            optimizer_state=optimizer_state, seeds=seeds, settings=settings, pool=pool, clock=clock,
         )
     finally:
         if pool is not None:
             pool.close()
 
 
-def _curriculum(preset, *, out, algo, seed, device, progress, policy, state, optimizer_state, seeds, settings, pool):
+def run_settings(preset: TrainPreset, *, preset_name: str, algo: str, seed: int, model_path: Path | None) -> dict[str, Any]:
+    """What :func:`train` writes to ``config.json``: the settings a resumed run must share."""
+    return {"preset": preset_name, "algo": algo, "seed": seed, "model": str(model_path) if model_path else None, **_jsonable(asdict(preset))}
+
+
+def _curriculum(preset, *, out, algo, seed, device, progress, policy, state, optimizer_state, seeds, settings, pool, clock):
     """Steps 2 and 3 of :func:`train`: the curriculum and the test evaluation."""
     from agents.commands.checkpoint import checkpoint_path, save_checkpoint
     from agents.commands.logging import MetricsLogger, plot_curves
@@ -209,6 +228,11 @@ def _curriculum(preset, *, out, algo, seed, device, progress, policy, state, opt
 
     ckpt_dir = out / "checkpoints"
     logger = MetricsLogger(out)
+
+    def checkpoint(with_optimizer) -> None:
+        # What a resumed run needs besides weights: how much of the log and the clock to keep.
+        state.update(metrics_bytes=logger.position, elapsed_s=clock())
+        save_checkpoint(checkpoint_path(ckpt_dir, state["global_step"]), policy.model, policy.tokenizer, _jsonable(state), with_optimizer)
     trainer_cls, cfg_cls = (LoGoGRPO, LoGoConfig) if algo == "logo-grpo" else (GRPO, GRPOConfig)
     update_cfg = UpdateConfig(
         lr=preset.lr, epochs=preset.epochs, micro_batch=preset.micro_batch,
@@ -257,7 +281,7 @@ def _curriculum(preset, *, out, algo, seed, device, progress, policy, state, opt
             if preset.val_every and (step + 1) % preset.val_every == 0 and step + 1 < stage.steps:
                 _validate_and_keep(policy, val_fn, seeds["val"], preset, state, stage_idx, stage, logger, out)
             # Checkpoint every step: a killed run loses at most the unfinished step.
-            save_checkpoint(checkpoint_path(ckpt_dir, state["global_step"]), policy.model, policy.tokenizer, _jsonable(state), trainer.optimizer)
+            checkpoint(trainer.optimizer)
             _prune(ckpt_dir, keep=state["global_step"])
         if bar is not None:
             bar.close()
@@ -266,7 +290,7 @@ def _curriculum(preset, *, out, algo, seed, device, progress, policy, state, opt
         best_path = out / f"stage{stage_idx}-best"
         policy = _load_policy(best_path, preset, device)
         state.update(stage=stage_idx + 1, step=0, stage_start=str(best_path), best=None, trainer_rng=None)
-        save_checkpoint(checkpoint_path(ckpt_dir, state["global_step"]), policy.model, policy.tokenizer, _jsonable(state))
+        checkpoint(None)
 
     # 3. The final policy and the test evaluation.
     final = out / "final"
@@ -279,7 +303,8 @@ def _curriculum(preset, *, out, algo, seed, device, progress, policy, state, opt
                     max_batch=preset.rollout_batch, per_task=True)
     logger.log(state["global_step"], {f"test/{k}": v for k, v in test.items() if k != "f1_per_task"})
     logger.close()
-    results = {"settings": settings, "validation": state["validation"], "test": test, "generated_tokens": state["generated_tokens"]}
+    results = {"settings": settings, "validation": state["validation"], "test": test, "generated_tokens": state["generated_tokens"],
+               "elapsed_s": clock()}
     (out / "results.json").write_text(json.dumps(results, indent=2))
     plot_curves(out / "metrics.jsonl", out / "curves.png", keys=["global/f1", "local/f1", "val/f1", "update/loss", "global/memory_size", "parse_error_rate"])
     return results
@@ -299,6 +324,13 @@ def _validate_and_keep(policy, val_fn, val_seeds, preset, state, stage_idx, stag
         # prompt style and max_new_tokens: `memr2 eval --agent checkpoint:` decodes as trained
         best_state = {"stage": stage_idx, "step": state["step"], "val": val, "prompt_style": preset.prompt_style, "max_new_tokens": preset.max_new_tokens}
         save_checkpoint(best_path, policy.model, policy.tokenizer, best_state)
+
+
+def _rewind_metrics(path: Path, size: int | None) -> None:
+    """Cut the metrics log back to its first ``size`` bytes (``None``: a checkpoint from before
+    the log's size was recorded; the log is left as it is)."""
+    if size is not None and path.exists() and path.stat().st_size > size:
+        os.truncate(path, size)
 
 
 def _prune(ckpt_dir: Path, keep: int) -> None:
