@@ -547,7 +547,7 @@ def test_a_run_too_big_for_the_cluster_fails_before_any_run(tmp_path):
 # ----------------------------------------------------------------------------- the demonstration (Ray, real runs)
 
 DEMO_SPEC = """
-# The smoke preset made smaller still: a short warm start, one stage, one test conversation.
+# The smoke preset made smaller still: a short warm start, one stage of two steps, one test conversation.
 [sweep]
 preset = "smoke"
 [resources]
@@ -557,7 +557,7 @@ sft_steps = 8
 sft_probes = 2
 sft_tasks = 2
 max_new_tokens = 48
-stages = "2:1"
+stages = "2:2"
 n_test = 1
 [axes]
 algo = ["logo-grpo", "grpo"]
@@ -582,8 +582,9 @@ def _per_run(out: Path) -> dict:
 @pytest.mark.slow
 def test_a_sweep_killed_half_way_resumes_to_the_uninterrupted_table(tmp_path):
     """The issue's demonstration: the smoke preset, 2 algos x 2 seeds, as Ray tasks on a local
-    instance; killed (SIGKILL, driver and Ray together) once half the runs have finished, then
-    resumed: it runs only the rest and ends with the table of a sweep that was never killed."""
+    instance; killed (SIGKILL, driver and Ray together) once a run has finished and another has
+    checkpointed its first step, then resumed: it runs only the rest, continues the checkpointed
+    run from its checkpoint, and ends with the table of a sweep that was never killed."""
     pytest.importorskip("ray")
     spec = tmp_path / "demo.toml"
     spec.write_text(DEMO_SPEC)
@@ -595,14 +596,20 @@ def test_a_sweep_killed_half_way_resumes_to_the_uninterrupted_table(tmp_path):
     out = tmp_path / "killed"
     proc = _sweep_proc(spec, out)
     deadline = time.time() + 1200
-    while len(list((out / "results").glob("*.json"))) < 2:
+
+    def under_way_with_a_checkpoint():
+        states = (out / "runs").glob(".*.attempt-*/checkpoints/checkpoint-1/trainer_state.json")
+        return {p.parents[2].name.split(".attempt-")[0][1:] for p in states}
+
+    while not (list((out / "results").glob("*.json")) and under_way_with_a_checkpoint()):
         assert proc.poll() is None, proc.stdout.read()
-        assert time.time() < deadline, "no two runs finished in 20 minutes"
+        assert time.time() < deadline, "no run finished and another checkpointed in 20 minutes"
         time.sleep(0.2)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     finished = sorted(p.stem for p in (out / "results").glob("*.json"))
-    assert 2 <= len(finished) < 4, finished
+    checkpointed = under_way_with_a_checkpoint() - set(finished)
+    assert 1 <= len(finished) < 4 and checkpointed, (finished, checkpointed)
 
     proc = _sweep_proc(spec, out)
     log = proc.communicate(timeout=1200)[0]
@@ -610,6 +617,8 @@ def test_a_sweep_killed_half_way_resumes_to_the_uninterrupted_table(tmp_path):
     assert f"4 runs, {len(finished)} already finished" in log
     for name in finished:
         assert f"] {name}:" not in log  # not run again
+    for name in checkpointed:  # continued from its step-1 checkpoint, not started over
+        assert json.loads((out / "results" / f"{name}.json").read_text())["resumed_from"] >= 1, name
     assert _per_run(out) == _per_run(whole)
     assert _table(out) == _table(whole)
     assert [r["algo"] for r in _table(out)] == ["logo-grpo", "grpo"] and all(r["seeds"] == "2" for r in _table(out))
