@@ -331,6 +331,7 @@ def test_a_killed_sweep_resumes_with_the_unfinished_runs_only(tmp_path, fake_job
     assert (out / "runs.csv").read_text().count("\n") == 5
     # Nothing left to do: a third call runs nothing and writes the same table.
     fake_jobs.update(runs=[])
+    (out / "results.csv").unlink()
     sweep.run_sweep(spec, out, local=True, log=lambda s: None)
     assert fake_jobs["runs"] == [] and _table(out) == _table(whole)
 

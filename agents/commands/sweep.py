@@ -637,12 +637,14 @@ def run_sweep(spec: SweepSpec, out: str | Path, *, local: bool = False, ray=None
     warm_keys = {r.name: warm_start_key(spec, r) for r in todo}
     warm_dir = out / "warm_starts"
     failures: dict[str, str] = {}
+    finished_now: list[str] = []
 
     def finish(r: RunSpec, result: dict) -> None:
         record = {"name": r.name, "preset": spec.preset, "settings": _jsonable(r.settings), "equal_budget": spec.equal_budget,
                   "values": _jsonable(r.values), **result}
         _write_atomic(result_path(out, r), json.dumps(record, indent=2).encode())
         done[r.name] = record
+        finished_now.append(r.name)
         log(f"[{len(done)}/{len(spec.runs)}] {r.name}: test F1 {result['test']['f1']:.3f}, "
             f"{result['generated_tokens']:,} tokens, {result['wall_s']:.0f} s")
         write_report(spec, out, done)  # kept current: a sweep stopped early leaves the table so far
@@ -706,7 +708,8 @@ def run_sweep(spec: SweepSpec, out: str | Path, *, local: bool = False, ray=None
                 log(f"warm start {what} done ({len(value) / 2**20:.1f} MiB, saved in {warm_dir})")
             else:
                 finish(what, value)
-    write_report(spec, out, done)
+    if not finished_now:  # otherwise the last finished run wrote it
+        write_report(spec, out, done)
     if failures:
         log(f"{len(failures)} run(s) failed: {', '.join(failures)}; run the same command again to retry them")
     return done
