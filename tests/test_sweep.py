@@ -434,6 +434,7 @@ def test_a_run_trains_in_its_own_attempt_directory_and_lands_at_its_name(one_run
     (runs / "a" / "old.txt").write_text("from a killed sweep")
     attempt("no-checkpoint")
     attempt("other-settings", config={**settings, "lr": 0.5}, checkpoint_step=3)
+    (attempt("config-cut-short", config=None, checkpoint_step=3) / "config.json").write_text('{"preset": "sw')
     result = execute()
     [call] = fake.calls
     assert call["out"].name.startswith(".a.attempt-") and call["out"].parent == runs and not call["resume"]

@@ -533,8 +533,10 @@ def _claim_attempt(final: Path, settings: dict[str, Any]):
         if lock is None:
             continue
         last = latest_checkpoint(stale / "checkpoints")
-        config = stale / "config.json"
-        same = config.exists() and json.loads(config.read_text()) == settings
+        try:
+            same = json.loads((stale / "config.json").read_text()) == settings
+        except (OSError, ValueError):  # none yet, or cut short by the kill
+            same = False
         if last is not None and same:
             step = int(last.name.split("-", 1)[1])
             if best is None or step > best[0]:
