@@ -267,6 +267,69 @@ def test_paired_differences_pool_conversations_of_the_seeds_both_configurations_
     assert "paired by seed" not in (tmp_path / "old" / "results.md").read_text()
 
 
+def _held_out_report(path: Path, *, seed: int, f1s, horizon: int = 3, preset: str = "smoke", agent: str = "warm") -> Path:
+    """A benchmarks/held_out.py report with one agent's per-conversation F1."""
+    path.write_text(json.dumps({"meta": {"preset": preset, "seed": seed, "horizon": horizon, "episodes": len(f1s)},
+                                "rows": {agent: {"f1": sum(f1s) / len(f1s), "f1_per_task": f1s}, "no memory": {"f1": 0.0}}}))
+    return path
+
+
+def test_configurations_are_paired_with_the_warm_start_of_each_seed(tmp_path, capsys):
+    """`memr2 sweep --report --against warm=...`: every configuration minus the policy the runs
+    started from, evaluated by benchmarks/held_out.py on each seed's test conversations."""
+    from agents.cli import main
+
+    spec_path = tmp_path / "spec.toml"
+    spec_path.write_text('[sweep]\npreset = "smoke"\n[axes]\nalgo = ["logo-grpo", "grpo"]\nseed = [0, 1]\n')
+    spec = sweep.load_spec(spec_path)
+    per_task = {("logo-grpo", 0): [0.5, 0.6], ("grpo", 0): [0.4, 0.6], ("logo-grpo", 1): [0.2, 0.3], ("grpo", 1): [0.2, 0.1]}
+    out = tmp_path / "out"
+    for r in spec.runs:
+        res = _fake_result(r, 100, 0.5, [])
+        res["test"]["f1_per_task"] = per_task[r.values["algo"], r.seed]
+        res.update(name=r.name, preset="smoke", settings=r.settings, equal_budget=False, values=r.values)
+        sweep._write_atomic(sweep.result_path(out, r), json.dumps(res).encode())
+    warm0 = _held_out_report(tmp_path / "w0.json", seed=0, f1s=[0.4, 0.4])
+    warm1 = _held_out_report(tmp_path / "w1.json", seed=1, f1s=[0.2, 0.2])
+    assert main(["sweep", str(spec_path), "--out", str(out), "--report", "--against", f"warm={warm0}", "--against", f"warm={warm1}"]) == 0
+    rows = {(r["a"], r["b"]): r for r in csv.DictReader(open(out / "paired.csv"))}
+    logo = rows["algo=logo-grpo", "warm"]
+    assert (logo["seeds"], logo["conversations"]) == ("2", "4")
+    assert float(logo["mean"]) == pytest.approx((0.1 + 0.2 + 0.0 + 0.1) / 4)
+    assert float(rows["algo=grpo", "warm"]["mean"]) == pytest.approx((0.0 + 0.2 + 0.0 - 0.1) / 4)
+    assert "| algo=logo-grpo | warm | 2 | 4 | +0.100" in (out / "results.md").read_text()
+    # Only the seeds that have a report count.
+    only0 = sweep.baseline_differences(spec, sweep.finished_runs(spec, out), "warm", sweep.load_baseline([warm0], "warm"))
+    assert [(r["a"], r["seeds"], r["conversations"]) for r in only0] == [("algo=logo-grpo", 1, 2), ("algo=grpo", 1, 2)]
+
+
+@pytest.mark.parametrize("report, message", [
+    ({"seed": 0, "f1s": [0.4, 0.4], "horizon": 8}, "did not play run .*'s test"),
+    ({"seed": 0, "f1s": [0.4, 0.4, 0.4]}, "did not play run .*'s test"),
+    ({"seed": 0, "f1s": [0.4, 0.4], "preset": "small"}, "did not play run .*'s test"),
+    ({"seed": 0, "f1s": [0.4, 0.4], "agent": "teacher"}, "has no agent 'warm'"),
+])
+def test_a_report_of_another_test_is_refused(tmp_path, report, message):
+    spec = parse_spec(_spec(axes={"algo": ["grpo"], "seed": [0]}))
+    results = {r.name: _fake_result(r, 100, 0.5, []) for r in spec.runs}
+    for res in results.values():
+        res["test"]["f1_per_task"] = [0.5, 0.5]
+    path = _held_out_report(tmp_path / "w.json", **report)
+    with pytest.raises(SpecError, match=message):
+        sweep.baseline_differences(spec, results, "warm", sweep.load_baseline([path], "warm"))
+
+
+def test_against_needs_report_and_a_readable_file(tmp_path):
+    spec = tmp_path / "spec.toml"
+    spec.write_text('[sweep]\npreset = "smoke"\n[axes]\nseed = [0]\n')
+    (tmp_path / "bad.json").write_text("{not json")
+    for args, message in [(["--against", "warm=x.json"], "--against goes with --report"),
+                          (["--report", "--against", "warm"], "wants AGENT=HELD_OUT_JSON"),
+                          (["--report", "--against", f"warm={tmp_path / 'bad.json'}"], "is not a benchmarks/held_out.py report")]:
+        proc = _memr2(spec, "--out", tmp_path / "out", *args)
+        assert proc.returncode != 0 and message in proc.stderr, (args, proc.stderr)
+
+
 # ----------------------------------------------------------------------------- resuming (no Ray)
 
 

@@ -800,6 +800,67 @@ def paired_differences(spec: SweepSpec, results: dict[str, dict]) -> list[dict]:
     return rows
 
 
+def load_baseline(paths: Sequence[str | Path], row: str) -> dict[int, dict]:
+    """Per seed, the per-conversation test F1 of agent ``row`` from ``benchmarks/held_out.py``
+    reports (``held_out.json``, one per seed, run with ``--seed`` and ``--horizon`` of the
+    sweep's test), for :func:`baseline_differences`.
+
+    Raises:
+        SpecError: a file that is not such a report, a report without ``row`` or without
+            per-conversation F1, or two reports for one seed.
+    """
+    found: dict[int, dict] = {}
+    for path in paths:
+        try:
+            data = json.loads(Path(path).read_text())
+            meta, rows = data["meta"], data["rows"]
+            seed, horizon = int(meta["seed"]), int(meta["horizon"])
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise SpecError(f"{path} is not a benchmarks/held_out.py report (held_out.json): {type(err).__name__}: {err}") from err
+        if row not in rows:
+            raise SpecError(f"{path} has no agent {row!r}; it has {sorted(rows)}")
+        per_task = rows[row].get("f1_per_task")
+        if not per_task:
+            raise SpecError(f"{path}: agent {row!r} has no per-conversation F1 (f1_per_task)")
+        if seed in found:
+            raise SpecError(f"two reports for seed {seed}: {found[seed]['path']} and {path}")
+        found[seed] = {"f1_per_task": per_task, "horizon": horizon, "preset": meta.get("preset"), "path": str(path)}
+    return found
+
+
+def baseline_differences(spec: SweepSpec, results: dict[str, dict], name: str, baseline: dict[int, dict]) -> list[dict]:
+    """Test F1 of every configuration minus a reference agent (:func:`load_baseline`, say the
+    warm start every run began from) on the same test conversations, paired by seed and
+    conversation and pooled over the seeds that have both, with a bootstrap CI as in
+    :func:`paired_differences`. Rows as there, with ``b`` = ``name``.
+
+    Raises:
+        SpecError: a report that does not play a run's test (another preset, horizon or number
+            of conversations).
+    """
+    per_config: dict[tuple, list[float]] = {}
+    seeds: dict[tuple, int] = {}
+    for r in spec.runs:
+        per_task = results.get(r.name, {}).get("test", {}).get("f1_per_task")
+        ref = baseline.get(r.seed)
+        if not per_task or ref is None:
+            continue
+        horizon = resolve(spec, r)[0].stages[-1].horizon
+        if (ref["preset"], ref["horizon"], len(ref["f1_per_task"])) != (spec.preset, horizon, len(per_task)):
+            raise SpecError(
+                f"{ref['path']} (preset {ref['preset']}, horizon {ref['horizon']}, {len(ref['f1_per_task'])} conversations) "
+                f"did not play run {r.name}'s test (preset {spec.preset}, horizon {horizon}, {len(per_task)} conversations)"
+            )
+        per_config.setdefault(r.config, []).extend(a - b for a, b in zip(per_task, ref["f1_per_task"]))
+        seeds[r.config] = seeds.get(r.config, 0) + 1
+    rows = []
+    for config, diffs in per_config.items():
+        lo, hi = bootstrap_ci(diffs)
+        rows.append({"a": _config_label(config), "b": name, "seeds": seeds[config], "conversations": len(diffs),
+                     "mean": sum(diffs) / len(diffs), "ci_lo": lo, "ci_hi": hi})
+    return rows
+
+
 def f1_at(curve: Sequence[tuple[float, float]], budget: float) -> float:
     """Held-out F1 of the last point of ``curve`` (tokens, F1) at or below ``budget`` tokens
     (NaN when none is)."""
@@ -881,15 +942,18 @@ def _ci(row: dict, metric: str) -> str:
     return _fmt(row[f"{metric}_mean"]) + ci
 
 
-def write_report(spec: SweepSpec, out: Path, results: dict[str, dict]) -> None:
+def write_report(spec: SweepSpec, out: Path, results: dict[str, dict], baselines: dict[str, dict[int, dict]] | None = None) -> None:
     """``results.md``, ``results.csv`` (per configuration), ``runs.csv`` (per run), ``paired.csv``
-    (:func:`paired_differences`, when runs recorded per-conversation F1) and ``results.png``
-    under ``out``."""
+    (:func:`paired_differences`, when runs recorded per-conversation F1, then
+    :func:`baseline_differences` against each of ``baselines``: name -> :func:`load_baseline`)
+    and ``results.png`` under ``out``."""
     out = Path(out)
     rows, per_run = table_rows(spec, results)
     if not per_run:
         return
     paired = paired_differences(spec, results)
+    for name, baseline in (baselines or {}).items():
+        paired += baseline_differences(spec, results, name, baseline)
     for name, data in (("results.csv", rows), ("runs.csv", per_run), ("paired.csv", paired)):
         if not data:
             continue
@@ -1004,12 +1068,26 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--local", action="store_true", help="run the runs one after another in this process, without Ray (debugging)")
     p.add_argument("--dry-run", action="store_true", help="check the spec, list the runs and what is finished, run nothing")
     p.add_argument("--report", action="store_true", help="write the table of the finished runs (say of a stopped sweep), run nothing")
+    p.add_argument(
+        "--against", action="append", default=[], metavar="AGENT=HELD_OUT_JSON",
+        help="with --report: also pair every configuration's test F1 with agent AGENT of a benchmarks/held_out.py "
+        "report of the same test (one per seed; repeat the option), e.g. warm=runs/ho-s0/held_out.json",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.against and not args.report:
+        raise SystemExit("memr2 sweep: --against goes with --report (the table of finished runs)")
+    baselines: dict[str, list[str]] = {}
+    for item in args.against:
+        agent, sep, path = item.partition("=")
+        if not sep or not agent or not path:
+            raise SystemExit(f"memr2 sweep: --against wants AGENT=HELD_OUT_JSON, got {item!r}")
+        baselines.setdefault(agent, []).append(path)
     try:
         spec = load_spec(args.spec, quick=args.quick)
         done = finished_runs(spec, args.out)
+        loaded = {agent: load_baseline(paths, agent) for agent, paths in baselines.items()}
     except SpecError as err:
         raise SystemExit(f"memr2 sweep: {err}") from err
     if args.local and args.ray_address:
@@ -1022,7 +1100,10 @@ def run(args: argparse.Namespace) -> int:
     if args.report:
         if not done:
             raise SystemExit(f"memr2 sweep: no run of {args.spec} has finished in {args.out}; nothing to report")
-        write_report(spec, Path(args.out), done)
+        try:
+            write_report(spec, Path(args.out), done, loaded)
+        except SpecError as err:
+            raise SystemExit(f"memr2 sweep: {err}") from err
         print(f"{len(done)} of {len(spec.runs)} runs finished; table: {Path(args.out) / 'results.md'}")
         return 0
     ray, started = None, False
