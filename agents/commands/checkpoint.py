@@ -46,6 +46,7 @@ __all__ = [
     "load_checkpoint",
     "latest_checkpoint",
     "checkpoint_path",
+    "checkpoint_step",
     "capture_rng_state",
     "restore_rng_state",
 ]
@@ -227,6 +228,13 @@ def checkpoint_path(run_dir: str | Path, step: int) -> Path:
     return Path(run_dir) / f"checkpoint-{int(step)}"
 
 
+def checkpoint_step(path: str | Path) -> int | None:
+    """The step of a ``checkpoint-<step>`` directory (:func:`checkpoint_path`); ``None`` for any
+    other name."""
+    match = _CHECKPOINT_NAME.match(Path(path).name)
+    return int(match.group(1)) if match else None
+
+
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
     """The complete ``checkpoint-<step>`` directory of ``run_dir`` with the highest step.
 
@@ -239,9 +247,8 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
         _recover_interrupted_swap(run_dir / old.name[1:].rsplit(".old-", 1)[0])
     best: tuple[int, Path] | None = None
     for child in run_dir.iterdir():
-        match = _CHECKPOINT_NAME.match(child.name)
-        if match and (child / TRAINER_STATE).is_file():
-            step = int(match.group(1))
+        step = checkpoint_step(child)
+        if step is not None and (child / TRAINER_STATE).is_file():
             if best is None or step > best[0]:
                 best = (step, child)
     return best[1] if best else None

@@ -525,7 +525,7 @@ def _claim_attempt(final: Path, settings: dict[str, Any]):
     removed. Attempts still locked are left alone."""
     import uuid
 
-    from agents.commands.checkpoint import latest_checkpoint
+    from agents.commands.checkpoint import checkpoint_step, latest_checkpoint
 
     best: tuple[int, Path, Any] | None = None
     for stale in sorted(final.parent.glob(f".{final.name}.attempt-*")):
@@ -538,7 +538,7 @@ def _claim_attempt(final: Path, settings: dict[str, Any]):
         except (OSError, ValueError):  # none yet, or cut short by the kill
             same = False
         if last is not None and same:
-            step = int(last.name.split("-", 1)[1])
+            step = checkpoint_step(last)
             if best is None or step > best[0]:
                 if best is not None:
                     _discard(best[1], best[2])

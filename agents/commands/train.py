@@ -335,12 +335,11 @@ def _rewind_metrics(path: Path, size: int | None) -> None:
 
 def _prune(ckpt_dir: Path, keep: int) -> None:
     """Keep only the newest numbered checkpoint."""
+    from agents.commands.checkpoint import checkpoint_step
+
     for child in ckpt_dir.glob("checkpoint-*"):
-        try:
-            step = int(child.name.split("-", 1)[1])
-        except ValueError:
-            continue
-        if step < keep:
+        step = checkpoint_step(child)
+        if step is not None and step < keep:
             shutil.rmtree(child, ignore_errors=True)
 
 
