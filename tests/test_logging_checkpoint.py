@@ -38,8 +38,11 @@ def test_jsonl_lines_are_flushed_and_appended(tmp_path):
 
     with MetricsLogger(tmp_path, tensorboard=False) as logger:  # a resumed run appends
         logger.log(3, {"loss": 0.1})
+    with MetricsLogger(tmp_path, tensorboard=False, clock=lambda: 100.0) as logger:
+        logger.log(4, {"loss": 0.05})  # a run's own clock: elapsed_s carries on from its earlier attempts
     records = read_metrics(tmp_path / "metrics.jsonl")
-    assert [r["step"] for r in records] == [1, 2, 3]
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    assert records[3]["elapsed_s"] == 100.0 and records[2]["elapsed_s"] < 100.0
     assert np.isnan(records[1]["loss"]) and records[1]["hist"] == [0, 1, 2]
 
 

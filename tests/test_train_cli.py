@@ -65,6 +65,8 @@ def test_smoke_run_killed_mid_way_resumes_and_finishes(tmp_path):
     assert update_steps == [1, 2]  # step 1 from the killed run, step 2 after resuming: nothing repeated
     assert all(r.get("update/rows") != -1 for r in records)
     assert results["elapsed_s"] > kept["elapsed_s"]  # the killed attempt's time counts
+    elapsed = [r["elapsed_s"] for r in records]
+    assert elapsed == sorted(elapsed) and elapsed[-1] <= results["elapsed_s"]  # the log's clock carries on too
     for name in ("curves.png", "config.json", "final/config.json", "warm_start/sft_report.json"):
         assert (out / name).exists(), name
     assert json.loads((out / "config.json").read_text())["rollout_batch"] == 3

@@ -2,8 +2,9 @@
 
 The JSONL file is the record of a run: :class:`MetricsLogger` appends one line per call, with
 ``step``, wall-clock ``time`` (Unix seconds) and ``elapsed_s`` (seconds since the logger
-opened), and flushes it at once, so a killed run loses nothing it logged. Opening the logger on
-an existing run directory appends (a resumed run continues the same file). TensorBoard is a
+opened, or the caller's ``clock``), and flushes it at once, so a killed run loses nothing it
+logged. Opening the logger on an existing run directory appends (a resumed run continues the
+same file, and passes a ``clock`` that continues its time, so ``elapsed_s`` never runs back). TensorBoard is a
 convenience mirror of the numeric values; it is used when ``tensorboard`` is installed and
 skipped otherwise, and ``logger.tensorboard_enabled`` / ``logger.tensorboard_status`` say which.
 
@@ -19,7 +20,7 @@ import numbers
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 __all__ = ["MetricsLogger", "read_metrics", "summarize_training", "plot_curves"]
 
@@ -34,15 +35,18 @@ class MetricsLogger:
 
     Values may be Python or NumPy numbers, 0-d tensors, strings, bools, ``None``, lists and
     arrays (JSONL only); nested mappings are flattened with ``/``. Anything else raises
-    ``TypeError`` naming the key.
+    ``TypeError`` naming the key. ``clock`` (no arguments, seconds) gives each record's
+    ``elapsed_s``; by default the seconds since the logger opened.
     """
 
-    def __init__(self, out_dir: str | Path, *, tensorboard: bool = True, filename: str = "metrics.jsonl"):
+    def __init__(self, out_dir: str | Path, *, tensorboard: bool = True, filename: str = "metrics.jsonl",
+                 clock: Callable[[], float] | None = None):
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.jsonl_path = self.out_dir / filename
         self._file = open(self.jsonl_path, "a", encoding="utf-8")
-        self._start = time.time()
+        start = time.time()
+        self._clock = clock if clock is not None else (lambda: time.time() - start)
         self._writer = None
         self.tensorboard_enabled = False
         self.tensorboard_status = "off: disabled by the caller"
@@ -67,7 +71,7 @@ class MetricsLogger:
         if clash:
             raise ValueError(f"metric names {clash} are reserved for the logger")
         now = time.time()
-        record = {"step": int(step), "time": now, "elapsed_s": now - self._start, **flat}
+        record = {"step": int(step), "time": now, "elapsed_s": float(self._clock()), **flat}
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
         if self._writer is not None:

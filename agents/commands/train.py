@@ -227,7 +227,7 @@ def _curriculum(preset, *, out, algo, seed, device, progress, policy, state, opt
     from agents.rl.update import UpdateConfig
 
     ckpt_dir = out / "checkpoints"
-    logger = MetricsLogger(out)
+    logger = MetricsLogger(out, clock=clock)  # elapsed_s continues across resumes
 
     def checkpoint(with_optimizer) -> None:
         # What a resumed run needs besides weights: how much of the log and the clock to keep.
