@@ -267,6 +267,41 @@ def test_paired_differences_pool_conversations_of_the_seeds_both_configurations_
     assert "paired by seed" not in (tmp_path / "old" / "results.md").read_text()
 
 
+def test_main_effects_pair_each_axis_over_the_others_and_resample_conversations(tmp_path):
+    spec = parse_spec(_spec(axes={"curriculum": [True, False], "algo": ["logo-grpo", "grpo"], "seed": [0, 1]}))
+    per_task = {  # (curriculum, algo, seed): test F1 of the seed's 2 conversations
+        (True, "logo-grpo", 0): [0.5, 0.7], (True, "grpo", 0): [0.4, 0.5],
+        (False, "logo-grpo", 0): [0.3, 0.6], (False, "grpo", 0): [0.3, 0.4],
+        (True, "logo-grpo", 1): [0.2, 0.2], (True, "grpo", 1): [0.1, 0.4],
+        (False, "logo-grpo", 1): [0.6, 0.6], (False, "grpo", 1): None,  # unfinished: seed 1 has one algo pair
+    }
+    results = {}
+    for r in spec.runs:
+        f1s = per_task[r.values["curriculum"], r.values["algo"], r.seed]
+        if f1s is not None:
+            results[r.name] = _fake_result(r, 100, sum(f1s) / 2, [])
+            results[r.name]["test"]["f1_per_task"] = f1s
+    by_axis = {row["b"]: row for row in sweep.main_effects(spec, results)}
+    assert set(by_axis) == {"curriculum=false", "algo=grpo"}
+    algo = by_axis["algo=grpo"]
+    # A conversation's differences over the curriculum settings are averaged: seed 0 gives
+    # mean(0.1, 0.0) and mean(0.2, 0.2); seed 1 only has its curriculum pair, 0.1 and -0.2.
+    units = [0.05, 0.2, 0.1, -0.2]
+    assert (algo["a"], algo["seeds"], algo["conversations"]) == ("algo=logo-grpo (over curriculum)", 2, 4)
+    assert algo["mean"] == pytest.approx(sum(units) / 4)
+    assert (algo["ci_lo"], algo["ci_hi"]) == pytest.approx(sweep.bootstrap_ci(units))
+    curriculum = by_axis["curriculum=false"]  # seed 1: only logo-grpo has both settings
+    assert (curriculum["a"], curriculum["seeds"], curriculum["conversations"]) == ("curriculum=true (over algo)", 2, 4)
+    assert curriculum["mean"] == pytest.approx(sum([(0.2 + 0.1) / 2, (0.1 + 0.1) / 2, -0.4, -0.4]) / 4)
+    sweep.write_report(spec, tmp_path, results)
+    md = (tmp_path / "results.md").read_text()
+    assert f"| algo=logo-grpo (over curriculum) | algo=grpo | 2 | 4 | {algo['mean']:+.3f} [" in md
+    assert "algo=logo-grpo (over curriculum)" in (tmp_path / "paired.csv").read_text()
+    # One axis besides the seed: the per-configuration pairs already are the main effect.
+    one_axis = parse_spec(_spec(axes={"algo": ["logo-grpo", "grpo"], "seed": [0, 1]}))
+    assert sweep.main_effects(one_axis, {}) == []
+
+
 def _held_out_report(path: Path, *, seed: int, f1s, horizon: int = 3, preset: str = "smoke", agent: str = "warm") -> Path:
     """A benchmarks/held_out.py report with one agent's per-conversation F1."""
     path.write_text(json.dumps({"meta": {"preset": preset, "seed": seed, "horizon": horizon, "episodes": len(f1s)},

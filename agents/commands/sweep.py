@@ -36,7 +36,8 @@ checkpoint yet starts over from its warm start). The table (``DIR/results.md``, 
 per configuration (the runs that differ only in ``seed``), the mean and 95% CI over seeds;
 ``DIR/results.png`` plots it. Under it (and in ``DIR/paired.csv``), every two configurations'
 test F1 difference paired by seed and test conversation, with a bootstrap CI over
-conversations. Run directories (checkpoints, metrics) are ``DIR/runs/<name>/``
+conversations, and (for a grid of two axes or more) each axis's main effect: its values compared
+with the other axes pooled. Run directories (checkpoints, metrics) are ``DIR/runs/<name>/``
 on the node that ran them (each attempt trains in ``DIR/runs/.<name>.attempt-*``, locked while
 it runs, and is renamed when it finishes; resuming needs the killed attempt's directory, so a
 run resumes only on a node that shares the sweep directory with the one that ran it).
@@ -70,7 +71,7 @@ from agents.rl.curriculum import parse_stages
 
 __all__ = [
     "add_arguments", "run", "SpecError", "SweepSpec", "RunSpec", "load_spec", "parse_spec", "run_sweep",
-    "mean_ci", "t_quantile_975", "f1_at", "bootstrap_ci", "paired_differences", "write_report", "ALGOS",
+    "mean_ci", "t_quantile_975", "f1_at", "bootstrap_ci", "paired_differences", "main_effects", "write_report", "ALGOS",
 ]
 
 ALGOS = ("logo-grpo", "grpo")
@@ -792,12 +793,54 @@ def paired_differences(spec: SweepSpec, results: dict[str, dict]) -> list[dict]:
     for a, b in itertools.combinations(per_config, 2):
         seeds = [s for s in per_config[a] if s in per_config[b] and len(per_config[a][s]) == len(per_config[b][s])]
         diffs = [x - y for s in seeds for x, y in zip(per_config[a][s], per_config[b][s])]
-        if not diffs:
-            continue
-        lo, hi = bootstrap_ci(diffs)
-        rows.append({"a": _config_label(a), "b": _config_label(b), "seeds": len(seeds), "conversations": len(diffs),
-                     "mean": sum(diffs) / len(diffs), "ci_lo": lo, "ci_hi": hi})
+        if diffs:
+            rows.append(_difference_row(_config_label(a), _config_label(b), len(seeds), diffs))
     return rows
+
+
+def main_effects(spec: SweepSpec, results: dict[str, dict]) -> list[dict]:
+    """Each axis's values against each other, pooled over the other axes (a factorial grid's main
+    effects), in the grid of two axes or more: for ``algo``, every LoGo-GRPO run is paired with the
+    GRPO run of the same seed and the same other settings (say ``stages``), by test conversation,
+    and a conversation's differences (one per setting of the other axes) are averaged, so the
+    bootstrap CI (as in :func:`paired_differences`) resamples conversations, the unit that was
+    drawn, not the correlated differences within one. It asks "does this setting help, whatever
+    the others are?" with more runs behind each conversation than any one pair of configurations
+    has; read it beside the per-configuration pairs, since an effect that flips sign between
+    settings averages out here.
+
+    Rows as :func:`paired_differences`' (``conversations`` counts seed-conversation units), with
+    ``a`` labelled ``"axis=value (over other, axes)"`` and ``b`` ``"axis=value"``.
+    """
+    axes = spec.config_axes
+    if len(axes) < 2:
+        return []
+    per_run = {}
+    for r in spec.runs:
+        per_task = results.get(r.name, {}).get("test", {}).get("f1_per_task")
+        if per_task:
+            per_run[(r.seed, r.config)] = per_task
+    rows = []
+    for i, axis in enumerate(axes):
+        values = list(dict.fromkeys(dict(r.config)[axis] for r in spec.runs))
+        others = ", ".join(a for a in axes if a != axis)
+        for va, vb in itertools.combinations(values, 2):
+            per_conversation: dict[tuple[int, int], list[float]] = {}
+            for (seed, config), fa in per_run.items():
+                fb = per_run.get((seed, config[:i] + ((axis, vb),) + config[i + 1:]))
+                if config[i][1] == va and fb is not None and len(fb) == len(fa):
+                    for j, (x, y) in enumerate(zip(fa, fb)):
+                        per_conversation.setdefault((seed, j), []).append(x - y)
+            if per_conversation:
+                diffs = [sum(d) / len(d) for d in per_conversation.values()]
+                seeds = len({seed for seed, _ in per_conversation})
+                rows.append(_difference_row(f"{axis}={_cell(va)} (over {others})", f"{axis}={_cell(vb)}", seeds, diffs))
+    return rows
+
+
+def _difference_row(a: str, b: str, seeds: int, diffs: Sequence[float]) -> dict:
+    lo, hi = bootstrap_ci(diffs)
+    return {"a": a, "b": b, "seeds": seeds, "conversations": len(diffs), "mean": sum(diffs) / len(diffs), "ci_lo": lo, "ci_hi": hi}
 
 
 def load_baseline(paths: Sequence[str | Path], row: str) -> dict[int, dict]:
@@ -854,11 +897,7 @@ def baseline_differences(spec: SweepSpec, results: dict[str, dict], name: str, b
         per_config.setdefault(r.config, []).extend(a - b for a, b in zip(per_task, ref["f1_per_task"]))
         seeds[r.config] = seeds.get(r.config, 0) + 1
     rows = []
-    for config, diffs in per_config.items():
-        lo, hi = bootstrap_ci(diffs)
-        rows.append({"a": _config_label(config), "b": name, "seeds": seeds[config], "conversations": len(diffs),
-                     "mean": sum(diffs) / len(diffs), "ci_lo": lo, "ci_hi": hi})
-    return rows
+    return [_difference_row(_config_label(config), name, seeds[config], diffs) for config, diffs in per_config.items()]
 
 
 def f1_at(curve: Sequence[tuple[float, float]], budget: float) -> float:
@@ -944,14 +983,14 @@ def _ci(row: dict, metric: str) -> str:
 
 def write_report(spec: SweepSpec, out: Path, results: dict[str, dict], baselines: dict[str, dict[int, dict]] | None = None) -> None:
     """``results.md``, ``results.csv`` (per configuration), ``runs.csv`` (per run), ``paired.csv``
-    (:func:`paired_differences`, when runs recorded per-conversation F1, then
-    :func:`baseline_differences` against each of ``baselines``: name -> :func:`load_baseline`)
+    (:func:`paired_differences` and :func:`main_effects`, when runs recorded per-conversation F1,
+    then :func:`baseline_differences` against each of ``baselines``: name -> :func:`load_baseline`)
     and ``results.png`` under ``out``."""
     out = Path(out)
     rows, per_run = table_rows(spec, results)
     if not per_run:
         return
-    paired = paired_differences(spec, results)
+    paired = paired_differences(spec, results) + main_effects(spec, results)
     for name, baseline in (baselines or {}).items():
         paired += baseline_differences(spec, results, name, baseline)
     for name, data in (("results.csv", rows), ("runs.csv", per_run), ("paired.csv", paired)):
