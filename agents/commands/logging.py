@@ -4,9 +4,10 @@ The JSONL file is the record of a run: :class:`MetricsLogger` appends one line p
 ``step``, wall-clock ``time`` (Unix seconds) and ``elapsed_s`` (seconds since the logger
 opened, or the caller's ``clock``), and flushes it at once, so a killed run loses nothing it
 logged. Opening the logger on an existing run directory appends (a resumed run continues the
-same file, and passes a ``clock`` that continues its time, so ``elapsed_s`` never runs back). TensorBoard is a
-convenience mirror of the numeric values; it is used when ``tensorboard`` is installed and
-skipped otherwise, and ``logger.tensorboard_enabled`` / ``logger.tensorboard_status`` say which.
+same file, and passes a ``clock`` that continues its time, so ``elapsed_s`` never runs back).
+TensorBoard is a convenience mirror of the numeric values; it is used when ``tensorboard`` is
+installed and skipped otherwise, and ``logger.tensorboard_enabled`` /
+``logger.tensorboard_status`` say which.
 
 Non-finite floats are written as ``NaN`` / ``Infinity`` (Python's ``json`` reads them back), so
 a diverging loss stays visible in the log.

@@ -827,8 +827,10 @@ def main_effects(spec: SweepSpec, results: dict[str, dict]) -> list[dict]:
         for va, vb in itertools.combinations(values, 2):
             per_conversation: dict[tuple[int, int], list[float]] = {}
             for (seed, config), fa in per_run.items():
-                fb = per_run.get((seed, config[:i] + ((axis, vb),) + config[i + 1:]))
-                if config[i][1] == va and fb is not None and len(fb) == len(fa):
+                if config[i][1] != va:
+                    continue
+                fb = per_run.get((seed, config[:i] + ((axis, vb),) + config[i + 1:]))  # same seed and other settings
+                if fb is not None and len(fb) == len(fa):
                     for j, (x, y) in enumerate(zip(fa, fb)):
                         per_conversation.setdefault((seed, j), []).append(x - y)
             if per_conversation:
@@ -896,7 +898,6 @@ def baseline_differences(spec: SweepSpec, results: dict[str, dict], name: str, b
             )
         per_config.setdefault(r.config, []).extend(a - b for a, b in zip(per_task, ref["f1_per_task"]))
         seeds[r.config] = seeds.get(r.config, 0) + 1
-    rows = []
     return [_difference_row(_config_label(config), name, seeds[config], diffs) for config, diffs in per_config.items()]
 
 
