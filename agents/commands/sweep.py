@@ -783,16 +783,11 @@ def paired_differences(spec: SweepSpec, results: dict[str, dict]) -> list[dict]:
     Returns one row per pair (in the order of the configurations):
     ``{"a", "b", "seeds", "conversations", "mean", "ci_lo", "ci_hi"}``.
     """
-    per_config: dict[tuple, dict[int, list[float]]] = {}
-    for r in spec.runs:
-        per_task = results.get(r.name, {}).get("test", {}).get("f1_per_task")
-        per_config.setdefault(r.config, {})
-        if per_task:
-            per_config[r.config][r.seed] = per_task
+    per_run = _test_f1_per_task(spec, results)
     rows = []
-    for a, b in itertools.combinations(per_config, 2):
-        seeds = [s for s in per_config[a] if s in per_config[b] and len(per_config[a][s]) == len(per_config[b][s])]
-        diffs = [x - y for s in seeds for x, y in zip(per_config[a][s], per_config[b][s])]
+    for a, b in itertools.combinations(dict.fromkeys(r.config for r in spec.runs), 2):
+        seeds = [s for s, c in per_run if c == a and len(per_run.get((s, b), ())) == len(per_run[s, a])]
+        diffs = [x - y for s in seeds for x, y in zip(per_run[s, a], per_run[s, b])]
         if diffs:
             rows.append(_difference_row(_config_label(a), _config_label(b), len(seeds), diffs))
     return rows
@@ -815,11 +810,7 @@ def main_effects(spec: SweepSpec, results: dict[str, dict]) -> list[dict]:
     axes = spec.config_axes
     if len(axes) < 2:
         return []
-    per_run = {}
-    for r in spec.runs:
-        per_task = results.get(r.name, {}).get("test", {}).get("f1_per_task")
-        if per_task:
-            per_run[(r.seed, r.config)] = per_task
+    per_run = _test_f1_per_task(spec, results)
     rows = []
     for i, axis in enumerate(axes):
         values = list(dict.fromkeys(dict(r.config)[axis] for r in spec.runs))
@@ -838,6 +829,17 @@ def main_effects(spec: SweepSpec, results: dict[str, dict]) -> list[dict]:
                 seeds = len({seed for seed, _ in per_conversation})
                 rows.append(_difference_row(f"{axis}={_cell(va)} (over {others})", f"{axis}={_cell(vb)}", seeds, diffs))
     return rows
+
+
+def _test_f1_per_task(spec: SweepSpec, results: dict[str, dict]) -> dict[tuple[int, tuple], list[float]]:
+    """``(seed, configuration)`` -> per-conversation test F1 of every finished run that recorded
+    it, in the order of ``spec.runs`` (the bootstrap CIs depend on the order of the differences)."""
+    per_run = {}
+    for r in spec.runs:
+        per_task = results.get(r.name, {}).get("test", {}).get("f1_per_task")
+        if per_task:
+            per_run[(r.seed, r.config)] = per_task
+    return per_run
 
 
 def _difference_row(a: str, b: str, seeds: int, diffs: Sequence[float]) -> dict:
@@ -883,10 +885,11 @@ def baseline_differences(spec: SweepSpec, results: dict[str, dict], name: str, b
         SpecError: a report that does not play a run's test (another preset, horizon or number
             of conversations).
     """
+    per_run = _test_f1_per_task(spec, results)
     per_config: dict[tuple, list[float]] = {}
     seeds: dict[tuple, int] = {}
     for r in spec.runs:
-        per_task = results.get(r.name, {}).get("test", {}).get("f1_per_task")
+        per_task = per_run.get((r.seed, r.config))
         ref = baseline.get(r.seed)
         if not per_task or ref is None:
             continue
