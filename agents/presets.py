@@ -8,11 +8,13 @@ train / validation / test / warm-start conversations for a run seed.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+import ast
+from dataclasses import dataclass, fields, replace
 
-from agents.rl.curriculum import Stage
+from agents.rl.curriculum import Stage, parse_stages
 
-__all__ = ["TrainPreset", "PRESETS", "task_seeds", "make_env_fn", "without_curriculum"]
+__all__ = ["TrainPreset", "PRESETS", "task_seeds", "make_env_fn", "without_curriculum", "override_preset", "add_set_argument",
+           "preset_from_args"]
 
 
 @dataclass(frozen=True)
@@ -132,6 +134,65 @@ PRESETS: dict[str, TrainPreset] = {
 def without_curriculum(preset: TrainPreset) -> TrainPreset:
     """The same number of steps, all at the last stage's horizon (``memr2 train --no-curriculum``)."""
     return replace(preset, stages=(Stage(preset.stages[-1].horizon, sum(s.steps for s in preset.stages)),))
+
+
+def override_preset(preset: TrainPreset, assignments: list[str]) -> TrainPreset:
+    """``preset`` with ``KEY=VALUE`` overrides of its fields (``memr2 train|sft --set``).
+
+    Values are Python literals (``sft_steps=2``, ``lr=1e-5``, ``dtype='bfloat16'`` or
+    ``dtype=bfloat16``, ``turns_per_session=(4,6)``, ``rollout_batch=None``); ``stages`` takes the
+    ``--stages`` syntax (``stages=2:1,4:1``). A value must have its field's type (an int where a
+    float is expected is fine). Raises ``ValueError`` naming the key or value that is wrong.
+    """
+    known = {f.name: f for f in fields(TrainPreset)}
+    changes: dict = {}
+    for item in assignments:
+        key, sep, text = item.partition("=")
+        key, text = key.strip(), text.strip()
+        if not sep or not key:
+            raise ValueError(f"--set {item!r}: expected KEY=VALUE, e.g. sft_steps=2")
+        if key not in known:
+            raise ValueError(f"--set {item!r}: unknown setting {key!r}; settings: {', '.join(sorted(known))}")
+        if key == "stages":
+            changes[key] = parse_stages(text)
+            continue
+        try:
+            value = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            value = text  # a bare word is a string: dtype=bfloat16
+        default = getattr(preset, key)
+        expected = type(default) if default is not None else None
+        if expected is float and type(value) is int:
+            value = float(value)
+        ok = (
+            expected is None or type(value) is expected or value is None and _optional(known[key])
+            or (key == "turns_per_session" and (type(value) is int or isinstance(value, tuple)))
+        )
+        if not ok:
+            raise ValueError(f"--set {item!r}: {key} must be of type {expected.__name__}, got {value!r}")
+        changes[key] = value
+    return replace(preset, **changes)
+
+
+def _optional(field) -> bool:
+    return "None" in str(field.type)
+
+
+def add_set_argument(p: "argparse.ArgumentParser") -> None:
+    """``--set KEY=VALUE`` (repeatable): override any field of the preset (see ``agents.presets.TrainPreset``)."""
+    p.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
+        help="override one preset setting, e.g. --set sft_steps=4 --set n_val=2 (repeatable; "
+        "names and defaults: agents/presets.py); applied before the other options",
+    )
+
+
+def preset_from_args(args: "argparse.Namespace", command: str) -> TrainPreset:
+    """The preset named by ``--preset`` with the ``--set`` overrides applied."""
+    try:
+        return override_preset(PRESETS[args.preset], args.overrides)
+    except ValueError as err:
+        raise SystemExit(f"memr2 {command}: {err}") from err
 
 
 def task_seeds(seed: int, preset: TrainPreset) -> dict[str, list[int]]:

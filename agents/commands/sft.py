@@ -41,6 +41,7 @@ import numpy as np
 
 from agents.policy.models import ModelImportError, resolve_model
 from agents.policy.precision import add_dtype_argument, describe_dtype, dtype_name
+from agents.presets import add_set_argument, preset_from_args
 
 __all__ = [
     "Example",
@@ -669,6 +670,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         f"sft_tasks; at most {MAX_SFT_TASKS:,}); give longer runs more, so the model sees each example about once",
     )
     p.add_argument("--device", default="cpu", help="torch device (cpu, cuda)")
+    add_set_argument(p)
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
@@ -706,9 +708,9 @@ def format_report(report: dict[str, Any]) -> str:
 
 def run(args: argparse.Namespace) -> int:
     """``memr2 sft``: warm-start the tiny model (or ``--model PATH``) for a preset and print the report."""
-    from agents.presets import PRESETS, task_seeds
+    from agents.presets import task_seeds
 
-    preset = PRESETS[args.preset]
+    preset = preset_from_args(args, "sft")
     explicit_model = args.model is not None
     try:
         model_path = resolve_model(args.model) if explicit_model else (resolve_model(preset.model) if preset.model else None)

@@ -34,7 +34,7 @@ from typing import Any
 
 from agents.policy.models import ModelImportError, resolve_model
 from agents.policy.precision import add_dtype_argument, describe_dtype
-from agents.presets import PRESETS, TrainPreset, make_env_fn, task_seeds, without_curriculum
+from agents.presets import PRESETS, TrainPreset, add_set_argument, make_env_fn, preset_from_args, task_seeds, without_curriculum
 from agents.rl.curriculum import parse_stages
 
 __all__ = ["add_arguments", "run", "train"]
@@ -53,6 +53,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     p.add_argument("--seed", type=int, default=0, help="seed for tasks, sampling and the model")
     p.add_argument("--stages", type=str, default=None, help="curriculum override, e.g. '8:10,16:5,32:5'")
+    add_set_argument(p)
     p.add_argument("--no-curriculum", action="store_true", help="train at the last stage's horizon for all steps")
     p.add_argument("--n-rollouts", type=int, default=None, help="override the global group size")
     p.add_argument("--rollout-batch", type=int, default=None, help="most prompts decoded at once in rollouts (default: all)")
@@ -68,7 +69,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    preset = PRESETS[args.preset]
+    preset = preset_from_args(args, "train")
     if args.stages:
         preset = replace(preset, stages=parse_stages(args.stages))
     if args.no_curriculum:
