@@ -22,7 +22,7 @@ from agents.generation.rollout import EpisodeRecord, RolloutEngine, Start, TurnR
 from agents.rl.advantages import assert_roles_not_mixed, group_advantages, make_group_id
 from agents.rl.update import UpdateConfig, policy_update
 
-__all__ = ["GRPOConfig", "GRPO", "final_session_rewards", "assign_advantages"]
+__all__ = ["GRPOConfig", "GRPO", "final_session_rewards", "session_credit", "assign_advantages"]
 
 
 @dataclass
@@ -53,19 +53,25 @@ def final_session_rewards(scorer, episode: EpisodeRecord, max_questions: int | N
     ``scorer`` is an unwrapped ``MemSessionEnv`` of the same task settings, used only for its
     public scoring methods on the restored final state.
     """
-    scorer.restore_state(episode.final_state)
+    return session_credit(scorer, episode.final_state, episode.sessions, max_questions, credit)
+
+
+def session_credit(scorer, final_state, sessions, max_questions: int | None, credit: str) -> tuple[dict[int, float], dict[str, Any]]:
+    """:func:`final_session_rewards` for a final environment state and the sessions to credit
+    (``benchmarks/credit_fidelity.py`` scores rollouts it played itself this way)."""
+    scorer.restore_state(final_state)
     questions = scorer.questions_for(mode="final", max_questions=max_questions)
     qa = scorer.score_questions(questions)
     penalty = scorer.bloat_penalty()
     mean_f1 = float(np.mean([q["f1"] for q in qa])) if qa else 0.0
     rewards = {}
-    for k in episode.sessions:
+    for k in sessions:
         if credit == "trajectory":
             rewards[k] = mean_f1 - penalty
         else:
             mine = [q["f1"] for q in qa if k in q["evidence_sessions"]]
             rewards[k] = (float(np.mean(mine)) if mine else 0.0) - penalty
-    return rewards, {"f1": mean_f1, "penalty": penalty, "questions": len(qa), "memory_size": len(episode.final_state.bank)}
+    return rewards, {"f1": mean_f1, "penalty": penalty, "questions": len(qa), "memory_size": len(final_state.bank)}
 
 
 def assign_advantages(turns: Sequence[TurnRecord], unit_reward: dict, unit_group: dict, scale_by_std: bool) -> dict[str, float]:

@@ -37,7 +37,7 @@ from agents.generation.rollout import EpisodeRecord, Start, TurnRecord
 from agents.rl.advantages import make_group_id
 from agents.rl.grpo import GRPO, GRPOConfig, assign_advantages
 
-__all__ = ["LoGoConfig", "LoGoGRPO", "Rerollout"]
+__all__ = ["LoGoConfig", "LoGoGRPO", "Rerollout", "local_reward"]
 
 
 @dataclass
@@ -64,6 +64,16 @@ class Rerollout:
     session: int
     source_rollout: int
     state: Any
+
+
+def local_reward(scorer, state, session: int, max_questions: int | None) -> tuple[float, float]:
+    """The local reward of a rerun that ended in ``state`` after ``session``: the mean F1 of up
+    to ``max_questions`` questions answerable by then (``cumulative`` mode), minus the bloat
+    penalty of that memory. Returns ``(reward, f1)``."""
+    scorer.restore_state(state)
+    qa = scorer.score_questions(scorer.questions_for(session=session, mode="cumulative", max_questions=max_questions))
+    f1 = float(np.mean([q["f1"] for q in qa])) if qa else 0.0
+    return f1 - scorer.bloat_penalty(session=session), f1
 
 
 class LoGoGRPO(GRPO):
@@ -115,12 +125,8 @@ class LoGoGRPO(GRPO):
         rows: list[TurnRecord] = []
         for p, group in zip(plan, reruns):
             for ep in group:
-                self.scorer.restore_state(ep.final_state)
-                qs = self.scorer.questions_for(session=p.session, mode="cumulative", max_questions=self.config.local_max_questions)
-                qa = self.scorer.score_questions(qs)
-                f1 = float(np.mean([q["f1"] for q in qa])) if qa else 0.0
+                reward, f1 = local_reward(self.scorer, ep.final_state, p.session, self.config.local_max_questions)
                 f1s.append(f1)
-                reward = f1 - self.scorer.bloat_penalty(session=p.session)
                 for t in ep.turns:
                     key = (t.episode_id, t.session, t.role)
                     unit_reward[key] = reward
