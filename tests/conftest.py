@@ -12,6 +12,7 @@ the layout of Qwen2.5 instruct checkpoints.
 from __future__ import annotations
 
 import importlib.util
+import sys
 from pathlib import Path
 
 import pytest
@@ -66,6 +67,7 @@ def load_script():
         path = ROOT / relative
         spec = importlib.util.spec_from_file_location(f"script_{path.stem}", path)
         module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module  # dataclasses look their module up while the script runs
         spec.loader.exec_module(module)
         return module
 
