@@ -551,6 +551,9 @@ def warm_start(
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
+        if progress:  # the probes of an untrained model run to the token limit: minutes on a CPU
+            print(f"warm start: {len(examples)} teacher examples; valid-JSON probes before training "
+                  f"({len(probes)} prompts, up to {max_new_tokens} tokens each) ...", flush=True)
         before = valid_json_rate(policy, probes, max_new_tokens=max_new_tokens)
         history = behaviour_clone(
             policy, examples, steps=steps, batch_size=batch_size, lr=lr, seed=seed, progress=progress,
