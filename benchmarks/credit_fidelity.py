@@ -88,11 +88,26 @@ def derive_seed(*parts: int) -> int:
 # ------------------------------------------------------------------------------ policies
 
 
-class ScriptedPolicy:
-    """The noisy teacher with its seed redrawn for every session it plays: a stochastic policy
-    whose sessions differ from rollout to rollout, at mistake rate ``noise``."""
+class SessionAgentPolicy:
+    """A policy made of one agent per session (``for_session(seed)`` returns an object with
+    ``act(observation, info) -> str``), played one env step at a time by :func:`play`."""
 
     restorable = True
+    name = "session-agents"
+
+    def for_session(self, seed: int):
+        raise NotImplementedError
+
+    def tokens(self, action: str) -> int:
+        return 0
+
+    def play_many(self, env, jobs: Sequence["Job"]) -> list["Play"]:
+        return [play(env, self, j.start, j.seed, max_sessions=j.max_sessions, record=j.record) for j in jobs]
+
+
+class ScriptedPolicy(SessionAgentPolicy):
+    """The noisy teacher with its seed redrawn for every session it plays: a stochastic policy
+    whose sessions differ from rollout to rollout, at mistake rate ``noise``."""
 
     def __init__(self, noise: float):
         from agents.baselines import NoisyTeacher
@@ -105,8 +120,61 @@ class ScriptedPolicy:
         """The agent that plays one session (``act(observation, info) -> str``)."""
         return self._teacher(self.noise, seed=seed)
 
-    def tokens(self, action: str) -> int:
-        return 0  # a scripted policy generates no tokens
+
+class LLMPolicy:
+    """A checkpoint sampled by the project's rollout engine: every batch of plays is one
+    :meth:`agents.generation.rollout.RolloutEngine.run` call, each play seeded by its own key,
+    so a play does not depend on the others in its batch."""
+
+    restorable = True
+
+    def __init__(self, path, env_fn, *, temperature: float = 1.0, max_new_tokens: int | None = None, dtype: str | None = None,
+                 max_batch: int | None = None, device: str = "cpu"):
+        import json as _json
+
+        from agents.generation.rollout import RolloutEngine
+        from agents.policy import SharedPolicy
+
+        path = Path(path)
+        recorded = {}
+        for name in ("trainer_state.json", "sft_report.json"):  # how it was trained: prompt style, token limit
+            if (path / name).is_file():
+                recorded = _json.loads((path / name).read_text())
+                break
+        style = recorded.get("prompt_style") or recorded.get("model", {}).get("prompt_style") or "compact"
+        self.max_new_tokens = int(max_new_tokens or recorded.get("max_new_tokens") or 256)
+        self.policy = SharedPolicy.from_pretrained(path, device=device, dtype=dtype, prompt_style=style)
+        self.engine = RolloutEngine(self.policy, env_fn, temperature=temperature, max_new_tokens=self.max_new_tokens,
+                                    max_batch=max_batch, progress=False)
+        self.name = f"checkpoint:{path}"
+
+    def play_many(self, env, jobs: Sequence["Job"]) -> list["Play"]:
+        from agents.generation.rollout import Start
+
+        if not jobs:
+            return []
+        starts = [Start(options={"task": j.start} if isinstance(j.start, int) else {"state": j.start}, max_sessions=j.max_sessions) for j in jobs]
+        records = self.engine.run(starts, seed=0, keys=[j.seed for j in jobs])
+        plays = []
+        for job, rec in zip(jobs, records):
+            steps: dict[int, int] = {}
+            for t in rec.turns:
+                steps[t.session] = steps.get(t.session, 0) + 1
+            plays.append(Play(
+                starts=dict(rec.states) if job.record else {}, end=rec.final_state,
+                ret=rec.total_reward if rec.done else None, steps=len(rec.turns), tokens=rec.generated_tokens, session_steps=steps,
+            ))
+        return plays
+
+
+@dataclass(frozen=True)
+class Job:
+    """One play for :meth:`play_many`: from ``start`` (a task index or a saved state), seeded."""
+
+    start: Any
+    seed: int
+    max_sessions: int | None = None
+    record: bool = False
 
 
 @dataclass
@@ -178,17 +246,29 @@ class Estimate:
 def monte_carlo(env, policy, state, k: int, seed: int, *, terminal_return: float | None = None) -> Estimate:
     """The returns of ``k`` continuations from ``state`` (seeds derived from ``seed``). A terminal
     state has one return, known exactly: ``terminal_return``, with standard error 0."""
-    if terminal_return is not None:
-        return Estimate([terminal_return] * k)
-    est = Estimate([])
-    for c in range(k):
-        p = play(env, policy, state, derive_seed(seed, c))
-        if p.ret is None:
-            raise FidelityError("a continuation did not reach the end of the episode (truncated?)")
-        est.returns.append(p.ret)
-        est.steps += p.steps
-        est.tokens += p.tokens
-    return est
+    return monte_carlo_many(env, policy, [(state, k, seed, terminal_return)])[0]
+
+
+def monte_carlo_many(env, policy, specs: Sequence[tuple[Any, int, int, float | None]]) -> list[Estimate]:
+    """:func:`monte_carlo` for many ``(state, k, seed, terminal_return)`` at once: all their
+    continuations go to the policy as one batch."""
+    jobs = [Job(state, derive_seed(seed, c)) for state, k, seed, terminal in specs if terminal is None for c in range(k)]
+    plays = iter(policy.play_many(env, jobs))
+    out = []
+    for state, k, seed, terminal in specs:
+        if terminal is not None:
+            out.append(Estimate([terminal] * k))
+            continue
+        est = Estimate([])
+        for _ in range(k):
+            p = next(plays)
+            if p.ret is None:
+                raise FidelityError("a continuation did not reach the end of the episode (truncated?)")
+            est.returns.append(p.ret)
+            est.steps += p.steps
+            est.tokens += p.tokens
+        out.append(est)
+    return out
 
 
 # ------------------------------------------------------------------------------ one task
@@ -225,13 +305,17 @@ def sample_sessions(horizon: int, count: int, rng: np.random.Generator) -> list[
 
 
 def measure_task(env, policy, task: int, settings: Settings, seed: int) -> dict:
-    """Everything the estimators and the ground truth need for one task, as plain JSON data."""
+    """Everything the estimators and the ground truth need for one task, as plain JSON data.
+
+    The plays go to ``policy.play_many`` in three batches per measured session (the truth for
+    the global rollouts and the reruns; then the reruns' truth and Monte-Carlo continuations;
+    then the look-aheads), so an LLM policy samples them in large batches."""
     from agents.rl.grpo import session_credit
     from agents.rl.logo_grpo import local_reward
 
     s = settings
     rng = np.random.default_rng(derive_seed(seed, task, 0))
-    glob = [play(env, policy, task, derive_seed(seed, task, 1, i), record=True) for i in range(s.n)]
+    glob = policy.play_many(env, [Job(task, derive_seed(seed, task, 1, i), record=True) for i in range(s.n)])
     if any(g.ret is None for g in glob):
         raise FidelityError("a global rollout did not reach the end of the episode")
     sessions = sorted(glob[0].starts)
@@ -246,28 +330,30 @@ def measure_task(env, policy, task: int, settings: Settings, seed: int) -> dict:
     for k in sample_sessions(len(sessions), s.sessions_per_task, rng):
         last = k == sessions[-1]
         row: dict[str, Any] = {"k": k, "local_in_training": bool(rng.random() < s.p_local)}
-        q, v = [], []
-        for i, g in enumerate(glob):
-            v.append(monte_carlo(env, policy, g.starts[k], s.k_truth, derive_seed(seed, task, 2, i, k)))
-            after = g.end if last else g.starts[k + 1]
-            q.append(monte_carlo(env, policy, after, s.k_truth, derive_seed(seed, task, 3, i, k), terminal_return=g.ret if last else None))
+        source = int(rng.integers(s.n))
+        # 1. V(s) and Q(s, a) of every global rollout at session k, and the m reruns of session k
+        specs = [(g.starts[k], s.k_truth, derive_seed(seed, task, 2, i, k), None) for i, g in enumerate(glob)]
+        specs += [(g.end if last else g.starts[k + 1], s.k_truth, derive_seed(seed, task, 3, i, k), g.ret if last else None)
+                  for i, g in enumerate(glob)]
+        truth = monte_carlo_many(env, policy, specs)
+        v, q = truth[: s.n], truth[s.n :]
+        reruns = policy.play_many(env, [Job(glob[source].starts[k], derive_seed(seed, task, 4, k, j), max_sessions=1) for j in range(s.m)])
         row["global"] = {
             "r_session": [credit["session"][i][k] for i in range(s.n)],
             "r_trajectory": [credit["trajectory"][i][k] for i in range(s.n)],
             "Q": [e.mean for e in q], "Q_se": [e.se for e in q], "V": [e.mean for e in v], "V_se": [e.se for e in v],
         }
-        source = int(rng.integers(s.n))
-        reruns = [play(env, policy, glob[source].starts[k], derive_seed(seed, task, 4, k, j), max_sessions=1) for j in range(s.m)]
-        rq, mc, look = [], [], []
+        # 2. each rerun's true Q, and its own Monte-Carlo continuations (never the truth's)
+        specs = [(r.end, s.k_truth, derive_seed(seed, task, 5, k, j), r.ret) for j, r in enumerate(reruns)]
+        specs += [(r.end, s.k_mc, derive_seed(seed, task, 6, k, j), r.ret) for j, r in enumerate(reruns)]
+        both = monte_carlo_many(env, policy, specs)
+        rq, mc = both[: s.m], both[s.m :]
+        # 3. the look-ahead signal: one continuation of each rerun for a few sessions
         ahead = min(s.lookahead, sessions[-1] - k)
-        for j, r in enumerate(reruns):
-            rq.append(monte_carlo(env, policy, r.end, s.k_truth, derive_seed(seed, task, 5, k, j), terminal_return=r.ret))
-            mc.append(monte_carlo(env, policy, r.end, s.k_mc, derive_seed(seed, task, 6, k, j), terminal_return=r.ret))
-            if ahead:
-                cont = play(env, policy, r.end, derive_seed(seed, task, 8, k, j), max_sessions=ahead)
-                look.append((local_reward(env, cont.end, k + ahead, s.local_max_questions)[0], cont.steps, cont.tokens))
-            else:  # the last session: nothing to look ahead to
-                look.append((local_reward(env, r.end, k, s.local_max_questions)[0], 0, 0))
+        conts = policy.play_many(env, [Job(r.end, derive_seed(seed, task, 8, k, j), max_sessions=ahead) for j, r in enumerate(reruns)]) if ahead else []
+        look = [(local_reward(env, c.end, k + ahead, s.local_max_questions)[0], c.steps, c.tokens) for c in conts] or [
+            (local_reward(env, r.end, k, s.local_max_questions)[0], 0, 0) for r in reruns  # the last session: nothing ahead
+        ]
         row["local"] = {
             "source": source,
             "r_local": [local_reward(env, r.end, k, s.local_max_questions)[0] for r in reruns],
@@ -277,7 +363,7 @@ def measure_task(env, policy, task: int, settings: Settings, seed: int) -> dict:
             "V": row["global"]["V"][source], "V_se": row["global"]["V_se"][source],
             "steps": [r.steps for r in reruns], "tokens": [r.tokens for r in reruns],
             "mc": [e.returns for e in mc],
-            # continuation cost of the first K_est continuations (every continuation of a rerun has the same length)
+            # continuation cost per continuation (every continuation of a rerun has the same length)
             "mc_steps": [e.steps / max(1, len(e.returns)) for e in mc], "mc_tokens": [e.tokens / max(1, len(e.returns)) for e in mc],
         }
         record["sessions"].append(row)
@@ -540,21 +626,41 @@ def check_horizon(env, horizon: int, tasks: int) -> None:
             raise FidelityError(f"task {t} has {have} sessions, fewer than the horizon {horizon}")
 
 
-def cell_name(horizon: int, noise: float) -> str:
-    return f"h{horizon}-noise{noise:g}"
+def cell_name(horizon: int, policy: float | str) -> str:
+    """``h<H>-noise<p>`` for the noisy teacher at mistake rate ``p``, ``h<H>-<label>`` for a checkpoint."""
+    return f"h{horizon}-noise{policy:g}" if isinstance(policy, float) else f"h{horizon}-{policy}"
 
 
-def run_cell(out: Path, horizon: int, noise: float, tasks: int, settings: Settings, seed: int, progress: bool = True) -> list[dict]:
+def task_seeds_for(seed: int, tasks: int) -> list[int]:
+    """The synthetic tasks of every cell: the same conversations at every horizon and policy."""
+    return [derive_seed(seed, 7, t) % 2**31 for t in range(tasks)]
+
+
+def make_policy(key: float | str, horizon: int, tasks: int, seed: int, llm: dict):
+    """The scripted policy at noise ``key``, or the checkpoint ``llm["checkpoints"][key]``."""
+    if isinstance(key, float):
+        return ScriptedPolicy(key)
+    seeds = task_seeds_for(seed, tasks)
+    return LLMPolicy(llm["checkpoints"][key], lambda: make_env(horizon, seeds), temperature=llm["temperature"],
+                     max_new_tokens=llm["max_new_tokens"], dtype=llm["dtype"], max_batch=llm["max_batch"])
+
+
+def run_cell(out: Path, horizon: int, key: float | str, tasks: int, settings: Settings, seed: int, progress: bool = True,
+             llm: dict | None = None) -> list[dict]:
     """Measure (or load) every task of one cell; each task's record is written when done."""
     from tqdm.auto import tqdm
 
-    cell = out / cell_name(horizon, noise)
+    cell = out / cell_name(horizon, key)
     cell.mkdir(parents=True, exist_ok=True)
-    policy = ScriptedPolicy(noise)
-    env = make_env(horizon, [derive_seed(seed, 7, t) % 2**31 for t in range(tasks)])
+    env = make_env(horizon, task_seeds_for(seed, tasks))
     base = env.unwrapped
     records = []
-    stamp = {**asdict(settings), "noise": noise, "seed": seed}
+    if isinstance(key, float):
+        stamp = {**asdict(settings), "noise": key, "seed": seed}
+    else:
+        stamp = {**asdict(settings), "checkpoint": str(llm["checkpoints"][key]), "seed": seed,
+                 **{k: llm[k] for k in ("temperature", "max_new_tokens", "dtype")}}
+    policy = None  # built on first need: a finished cell loads no model
     for t in tqdm(range(tasks), desc=cell.name, disable=not progress):
         path = cell / f"task-{t}.json"
         if path.exists():
@@ -563,8 +669,9 @@ def run_cell(out: Path, horizon: int, noise: float, tasks: int, settings: Settin
                 raise FidelityError(f"{path} was measured with other settings ({rec.get('settings')}); use another --out")
             records.append(rec)
             continue
+        policy = policy or make_policy(key, horizon, tasks, seed, llm or {})
         t0 = time.perf_counter()
-        rec = measure_task(base, policy, t, settings, derive_seed(seed, horizon, int(noise * 1000)))
+        rec = measure_task(base, policy, t, settings, derive_seed(seed, horizon, int(key * 1000)) if isinstance(key, float) else derive_seed(seed, horizon))
         rec["settings"] = stamp
         rec["wall_s"] = time.perf_counter() - t0
         tmp = path.with_suffix(".tmp")
@@ -659,12 +766,30 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lookahead", type=int, default=2, help="sessions each rerun is continued for logo-lookahead")
     p.add_argument("--estimators", nargs="+", default=list(ESTIMATORS), help=f"any of {', '.join(ESTIMATORS)}")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--checkpoint", action="append", default=[], metavar="LABEL=DIR",
+        help="measure this checkpoint (an LLM policy, sampled by the rollout engine) instead of the noisy teacher; repeatable",
+    )
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of --checkpoint policies")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="token limit of --checkpoint policies (default: as trained)")
+    p.add_argument("--dtype", default=None, help="dtype of --checkpoint policies (auto, float32, bfloat16)")
+    p.add_argument("--rollout-batch", type=int, default=None, help="most rows decoded at once by --checkpoint policies")
     p.add_argument("--report", action="store_true", help="only summarise the records on disk")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
 
+    llm = {"checkpoints": {}, "temperature": args.temperature, "max_new_tokens": args.max_new_tokens, "dtype": args.dtype,
+           "max_batch": args.rollout_batch}
     try:
-        if any(not 0 <= x <= 1 for x in args.noise):
+        for item in args.checkpoint:
+            label, sep, path = item.partition("=")
+            if not sep or not label or not path:
+                raise FidelityError(f"--checkpoint {item!r}: expected LABEL=DIR")
+            if not (Path(path) / "config.json").is_file():
+                raise FidelityError(f"--checkpoint {item!r}: {path} is not a checkpoint directory (no config.json)")
+            llm["checkpoints"][label] = path
+        keys: list[float | str] = list(llm["checkpoints"]) or [float(x) for x in args.noise]
+        if any(isinstance(x, float) and not 0 <= x <= 1 for x in keys):
             raise FidelityError(f"noise levels must lie in [0, 1], got {args.noise}")
         if args.tasks < 2:
             raise FidelityError(f"--tasks must be at least 2 for a confidence interval, got {args.tasks}")
@@ -672,33 +797,33 @@ def main(argv: list[str] | None = None) -> int:
         for h in args.horizons:
             settings = Settings(horizon=h, n=args.n, m=args.m, k_truth=args.k_truth, k_mc=args.k_mc,
                                 sessions_per_task=args.sessions_per_task, lookahead=args.lookahead)
-            env = make_env(h, [derive_seed(args.seed, 7, t) % 2**31 for t in range(args.tasks)])
-            check_settings(settings, args.estimators, ScriptedPolicy(args.noise[0]), env)
+            env = make_env(h, task_seeds_for(args.seed, args.tasks))
+            check_settings(settings, args.estimators, LLMPolicy if llm["checkpoints"] else ScriptedPolicy(0.0), env)
             check_horizon(env, h, args.tasks)
-            cells += [(h, noise, settings) for noise in args.noise]
+            cells += [(h, key, settings) for key in keys]
     except FidelityError as err:
         raise SystemExit(f"credit_fidelity: {err}") from err
 
     summary: dict[str, dict] = {}
-    for h, noise, settings in cells:
+    for h, key, settings in cells:
         if args.report:
-            cell = args.out / cell_name(h, noise)
+            cell = args.out / cell_name(h, key)
             records = [json.loads(f.read_text()) for f in sorted(cell.glob("task-*.json"), key=lambda f: int(f.stem.split("-")[1]))] if cell.is_dir() else []
             if len(records) < 2:
                 continue
         else:
             try:
-                records = run_cell(args.out, h, noise, args.tasks, settings, args.seed, progress=not args.no_progress)
+                records = run_cell(args.out, h, key, args.tasks, settings, args.seed, progress=not args.no_progress, llm=llm)
             except FidelityError as err:
                 raise SystemExit(f"credit_fidelity: {err}") from err
-        summary[cell_name(h, noise)] = summarise(records, args.estimators, settings, seed=args.seed)
+        summary[cell_name(h, key)] = summarise(records, args.estimators, settings, seed=args.seed)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "table.json").write_text(json.dumps(summary, indent=1))
     table = format_table(summary)
     (args.out / "table.md").write_text(table + "\n")
     print(table)
-    if summary:
-        for path in plot(summary, args.out):
+    if any("-noise" in name for name in summary):
+        for path in plot({n: r for n, r in summary.items() if "-noise" in n}, args.out):
             print(f"plot: {path}")
     return 0
 

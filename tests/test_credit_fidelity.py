@@ -53,28 +53,33 @@ class CoinEnv(gym.Env):
         return state[1], self._info()
 
 
-class CoinPolicy:
-    restorable = True
-    name = "coin"
+@pytest.fixture(scope="module")
+def CoinPolicy(fid):
+    class CoinPolicy(fid.SessionAgentPolicy):
+        """Plays "1" with probability ``p`` in each session."""
 
-    def __init__(self, p):
-        self.p = p
+        name = "coin"
 
-    def for_session(self, seed):
-        rng = np.random.default_rng(seed)
-        p = self.p
+        def __init__(self, p):
+            self.p = p
 
-        class Agent:
-            def act(self, obs, info):
-                return "1" if rng.random() < p else "0"
+        def for_session(self, seed):
+            rng = np.random.default_rng(seed)
+            p = self.p
 
-        return Agent()
+            class Agent:
+                def act(self, obs, info):
+                    return "1" if rng.random() < p else "0"
 
-    def tokens(self, action):
-        return len(action)
+            return Agent()
+
+        def tokens(self, action):
+            return len(action)
+
+    return CoinPolicy
 
 
-def test_the_ground_truth_matches_the_closed_form_on_a_toy_task(fid):
+def test_the_ground_truth_matches_the_closed_form_on_a_toy_task(fid, CoinPolicy):
     H, p, K = 6, 0.3, 400
     env, policy = CoinEnv(H), CoinPolicy(p)
     for k, ones in ((1, 0), (3, 1), (5, 4), (6, 2)):
@@ -98,14 +103,14 @@ def test_the_ground_truth_matches_the_closed_form_on_a_toy_task(fid):
             assert abs(advantage - (a - p) / H) < 4 * math.hypot(q.se, v.se) + 1e-9
 
 
-def test_a_deterministic_policy_has_its_exact_value(fid):
+def test_a_deterministic_policy_has_its_exact_value(fid, CoinPolicy):
     env = CoinEnv(5)
     for p, ones in ((1.0, 5), (0.0, 0)):
         v = fid.monte_carlo(env, CoinPolicy(p), (1, 0), 3, seed=0)
         assert v.returns == [ones / 5] * 3 and v.se == 0
 
 
-def test_play_records_session_starts_and_replays_by_seed(fid):
+def test_play_records_session_starts_and_replays_by_seed(fid, CoinPolicy):
     env, policy = CoinEnv(4), CoinPolicy(0.5)
     a = fid.play(env, policy, 0, seed=9, record=True)
     assert sorted(a.starts) == [1, 2, 3, 4] and a.ret is not None and a.steps == 4
@@ -228,3 +233,32 @@ def test_a_policy_that_cannot_be_restored_is_refused(fid):
     env = fid.make_env(2, [1, 2])
     with pytest.raises(fid.FidelityError, match="cannot be restored mid-episode"):
         fid.check_settings(fid.Settings(horizon=2), ["grpo-session"], Stateful(), env)
+
+
+def test_a_checkpoint_is_measured_through_the_rollout_engine_reproducibly(fid, tmp_path):
+    """``--checkpoint LABEL=DIR``: an LLM policy (here the untrained tiny model) plays every
+    continuation through the rollout engine, each seeded by its own key; tokens are counted and
+    the same seed gives the same records."""
+    pytest.importorskip("torch")
+    from agents.policy.tiny import build_tiny_model
+
+    build_tiny_model(tmp_path / "tiny", seed=0)
+    args = ["--checkpoint", f"tiny={tmp_path / 'tiny'}", "--horizons", "2", "--tasks", "2", "--n", "2", "--m", "2",
+            "--k-truth", "2", "--k-mc", "1", "--sessions-per-task", "1", "--estimators", "grpo-session", "logo-local", "mc-k1",
+            "--max-new-tokens", "24", "--no-progress"]
+    assert fid.main(["--out", str(tmp_path / "a"), *args]) == 0
+    assert fid.main(["--out", str(tmp_path / "b"), *args]) == 0
+    a = json.loads((tmp_path / "a" / "h2-tiny" / "task-0.json").read_text())
+    b = json.loads((tmp_path / "b" / "h2-tiny" / "task-0.json").read_text())
+    a.pop("wall_s"), b.pop("wall_s")
+    assert a == b
+    assert a["policy"].startswith("checkpoint:") and a["global_tokens"] > 0 and a["settings"]["max_new_tokens"] == 24
+    table = json.loads((tmp_path / "a" / "table.json").read_text())
+    assert table["h2-tiny"]["grpo-session"]["tokens"] > 0
+
+
+def test_a_checkpoint_argument_must_name_a_checkpoint(fid, tmp_path):
+    with pytest.raises(SystemExit, match="expected LABEL=DIR"):
+        fid.main(["--out", str(tmp_path / "x"), "--checkpoint", "nolabel"])
+    with pytest.raises(SystemExit, match="is not a checkpoint directory"):
+        fid.main(["--out", str(tmp_path / "x"), "--checkpoint", f"a={tmp_path}"])
