@@ -9,6 +9,7 @@ train / validation / test / warm-start conversations for a run seed.
 from __future__ import annotations
 
 import ast
+import re
 from dataclasses import dataclass, fields, replace
 
 from agents.rl.curriculum import Stage, parse_stages
@@ -33,8 +34,8 @@ class TrainPreset:
     """LoGo: reruns per local group."""
     max_questions: int = 64
     """Questions scored on each final memory (global reward)."""
-    local_max_questions: int = 16
-    """Questions scored after a rerun session (local reward)."""
+    local_max_questions: int | None = 16
+    """Questions scored after a rerun session (local reward; ``None``: every answerable one)."""
     lr: float = 2e-6
     """AdamW learning rate."""
     epochs: int = 2
@@ -160,22 +161,18 @@ def override_preset(preset: TrainPreset, assignments: list[str]) -> TrainPreset:
             value = ast.literal_eval(text)
         except (ValueError, SyntaxError):
             value = text  # a bare word is a string: dtype=bfloat16
-        default = getattr(preset, key)
-        expected = type(default) if default is not None else None
-        if expected is float and type(value) is int:
+        allowed = {_TYPES[name] for name in re.findall(r"\b(int|float|bool|str|None|tuple)\b", str(known[key].type))}
+        if float in allowed and type(value) is int:
             value = float(value)
-        ok = (
-            expected is None or type(value) is expected or value is None and _optional(known[key])
-            or (key == "turns_per_session" and (type(value) is int or isinstance(value, tuple)))
-        )
-        if not ok:
-            raise ValueError(f"--set {item!r}: {key} must be of type {expected.__name__}, got {value!r}")
+        if type(value) not in allowed:
+            kinds = " or ".join(sorted("None" if t is type(None) else t.__name__ for t in allowed))
+            raise ValueError(f"--set {item!r}: {key} must be of type {kinds}, got {value!r}")
         changes[key] = value
     return replace(preset, **changes)
 
 
-def _optional(field) -> bool:
-    return "None" in str(field.type)
+_TYPES = {"int": int, "float": float, "bool": bool, "str": str, "None": type(None), "tuple": tuple}
+"""The Python types named in TrainPreset's field annotations."""
 
 
 def add_set_argument(p: "argparse.ArgumentParser") -> None:

@@ -35,6 +35,9 @@ def test_overrides_take_each_fields_type():
     ("lr=fast", "lr must be of type float"),
     ("gradient_checkpointing=1", "gradient_checkpointing must be of type bool"),
     ("sft_steps=None", "sft_steps must be of type int"),
+    ("sft_horizon=abc", "sft_horizon must be of type None or int"),
+    ("dtype=3", "dtype must be of type None or str"),
+    ("turns_per_session='6'", "turns_per_session must be of type None or int or tuple"),
     ("stages=8-10", "bad stage"),
 ])
 def test_bad_overrides_name_what_is_wrong(item, message):

@@ -48,8 +48,11 @@ class LoGoConfig(GRPOConfig):
     """Probability that a session gets a local group."""
     m_reruns: int = 4
     """Reruns per local group."""
-    local_max_questions: int = 16
-    """Questions answerable after the session that score each rerun."""
+    local_max_questions: int | None = 16
+    """Questions answerable after the session that score each rerun (the paper's 16; ``None``:
+    all of them). The cap makes the local reward a small sample of what the memory answers:
+    against the true advantage, the uncapped reward orders reruns more often correctly than the
+    capped one, at no extra env steps (``benchmarks/credit_fidelity.py``, docs/results.md)."""
     local_weight: float = 1.0
     """Scale of the local advantages in the shared loss."""
     rerollout_temperature: float | None = None
