@@ -716,10 +716,10 @@ def plot(summary: dict[str, dict[str, dict]], out: Path) -> list[Path]:
     horizons = sorted({h for h, _ in cells})
     fig, axes = plt.subplots(1, len(noises), figsize=(4.2 * len(noises), 3.6), sharey=True, squeeze=False)
     for ax, noise in zip(axes[0], noises):
-        for est in ESTIMATORS:
+        for e, est in enumerate(ESTIMATORS):
             pts = [(h, cells[(h, noise)][est]["pair_acc"]) for h in horizons if (h, noise) in cells and est in cells[(h, noise)]]
             if pts:
-                xs = [p[0] for p in pts]
+                xs = [p[0] * 1.03 ** (e - len(ESTIMATORS) / 2) for p in pts]  # side by side, so the CIs stay readable
                 ys = [p[1][0] for p in pts]
                 err = [[p[1][0] - p[1][1] for p in pts], [p[1][2] - p[1][0] for p in pts]]
                 ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label=est)
