@@ -30,7 +30,9 @@ Two candidate local signals of our own, on the same reruns:
   subset of 16 (the cap makes the reward of a long horizon a noisy sample; no extra env steps);
 * ``logo-lookahead``: one continuation of each rerun for ``lookahead`` (2) more sessions, then
   the local reward after session ``k + lookahead``: it sees what an UPDATE or DELETE does to
-  questions asked a little later, at a fixed cost instead of the rest of the horizon.
+  questions asked a little later, at a fixed cost instead of the rest of the horizon;
+* ``logo-trained-all``: LoGo-GRPO as trained with ``logo-local-all``'s local groups
+  (``LoGoConfig(local_max_questions=None)``).
 
 Metrics, per estimator, with 95% bootstrap CIs over tasks:
 
@@ -43,6 +45,9 @@ Metrics, per estimator, with 95% bootstrap CIs over tasks:
 * ``luck_r2``: the share of the estimate's variance within a group explained by ``V(s)``, the
   luck of the memory the sample started from (0 by construction where a group shares ``s``);
 * ``signal``: the share of groups whose estimates are not all equal;
+* ``batch_r``: the correlation of estimate and truth over every sample of a task's batch (the
+  alignment of the advantage-weighted gradient with the one the true advantages would give, if
+  each sample's gradient were of the same size and independent of the others);
 * ``steps``, ``tokens``: env steps and generated tokens an estimate costs.
 
 Usage::
@@ -70,9 +75,9 @@ import numpy as np
 
 ESTIMATORS = (
     "grpo-session", "grpo-trajectory", "logo-local", "logo-trained", "mc-k1", "mc-k2", "mc-k4",
-    "logo-local-all", "logo-lookahead",
+    "logo-local-all", "logo-lookahead", "logo-trained-all",
 )
-METRICS = ("pair_acc", "sign_acc", "spearman", "luck_r2", "signal", "steps", "tokens")
+METRICS = ("pair_acc", "sign_acc", "spearman", "luck_r2", "signal", "batch_r", "steps", "tokens")
 MC_K = {"mc-k1": 1, "mc-k2": 2, "mc-k4": 4}
 
 
@@ -426,10 +431,10 @@ def estimator_groups(record: dict, estimator: str) -> list[Group]:
             groups.append(_global_group(row, "r_trajectory"))
         elif estimator == "logo-local":
             groups.append(_local_group(row, row["local"]["r_local"]))
-        elif estimator == "logo-trained":
+        elif estimator in ("logo-trained", "logo-trained-all"):
             groups.append(_global_group(row, "r_session"))
             if row["local_in_training"]:
-                groups.append(_local_group(row, row["local"]["r_local"]))
+                groups.append(_local_group(row, row["local"]["r_local" if estimator == "logo-trained" else "r_local_all"]))
         elif estimator == "logo-local-all":
             groups.append(_local_group(row, row["local"]["r_local_all"]))
         elif estimator == "logo-lookahead":
@@ -453,7 +458,7 @@ def estimator_cost(record: dict, estimator: str, settings: Settings) -> tuple[fl
     if estimator == "logo-lookahead":
         ahead = (np.mean([x for r in rows for x in r["local"]["lookahead_steps"]]), np.mean([x for r in rows for x in r["local"]["lookahead_tokens"]]))
         return float(rerun[0] + ahead[0]), float(rerun[1] + ahead[1])
-    if estimator == "logo-trained":
+    if estimator in ("logo-trained", "logo-trained-all"):
         # n rollouts of every session, and m reruns for a share p_local of the sessions
         n, m, p = settings.n, settings.m, settings.p_local
         return tuple(float((n * g + p * m * r) / (n + p * m)) for g, r in zip(per_global, rerun))  # type: ignore[return-value]
@@ -523,6 +528,18 @@ def luck_share(groups: Sequence[Group]) -> float | None:
     return float(np.corrcoef(est, dv)[0, 1] ** 2)
 
 
+def batch_correlation(groups: Sequence[Group]) -> float | None:
+    """Pearson correlation of estimates and true advantages over all samples of ``groups``
+    (0 when the estimates are all equal; ``None`` when the truth is)."""
+    est = np.concatenate([g.est for g in groups]) if groups else np.zeros(0)
+    true = np.concatenate([g.true for g in groups]) if groups else np.zeros(0)
+    if len(est) < 3 or np.ptp(true) == 0:
+        return None
+    if np.ptp(est) == 0:
+        return 0.0
+    return float(np.corrcoef(est, true)[0, 1])
+
+
 def task_metrics(record: dict, estimator: str, settings: Settings) -> dict[str, Any]:
     """Per-task sufficient statistics of every metric (ratios are pooled over tasks later)."""
     groups = estimator_groups(record, estimator)
@@ -534,7 +551,7 @@ def task_metrics(record: dict, estimator: str, settings: Settings) -> dict[str, 
         "pair_correct": pc, "pair_counted": pn, "sign_correct": sc, "sign_counted": sn,
         "spearman": float(np.mean(rhos)) if rhos else None, "luck_r2": luck_share(groups),
         "signal": float(np.mean([np.ptp(g.est) > 0 for g in groups])) if groups else None,
-        "steps": steps, "tokens": tokens,
+        "batch_r": batch_correlation(groups), "steps": steps, "tokens": tokens,
     }
 
 
@@ -575,6 +592,7 @@ def summarise(records: Sequence[dict], estimators: Sequence[str], settings: Sett
             "spearman": _bootstrap(per_task, _mean("spearman"), resamples, seed),
             "luck_r2": _bootstrap(per_task, _mean("luck_r2"), resamples, seed),
             "signal": _bootstrap(per_task, _mean("signal"), resamples, seed),
+            "batch_r": _bootstrap(per_task, _mean("batch_r"), resamples, seed),
             "steps": _mean("steps")(per_task), "tokens": _mean("tokens")(per_task),
             "pairs": int(sum(t["pair_counted"] for t in per_task)), "tasks": len(per_task),
         }
@@ -688,13 +706,13 @@ def format_table(summary: dict[str, dict[str, dict]]) -> str:
         return "-" if math.isnan(v) else f"{v:.3f} [{lo:.3f}, {hi:.3f}]"
 
     lines = [
-        "| cell | estimator | pairwise sign acc. | sign acc. | Spearman | luck R^2 | groups with signal | steps / estimate | pairs |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| cell | estimator | pairwise sign acc. | sign acc. | Spearman | batch r | luck R^2 | groups with signal | steps / estimate | pairs |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for cell, rows in summary.items():
         for est, r in rows.items():
             lines.append(
-                f"| {cell} | {est} | {ci(r['pair_acc'])} | {ci(r['sign_acc'])} | {ci(r['spearman'])} | {ci(r['luck_r2'])} | "
+                f"| {cell} | {est} | {ci(r['pair_acc'])} | {ci(r['sign_acc'])} | {ci(r['spearman'])} | {ci(r['batch_r'])} | {ci(r['luck_r2'])} | "
                 f"{ci(r['signal'])} | {r['steps']:.1f} | {r['pairs']} |"
             )
     return "\n".join(lines)

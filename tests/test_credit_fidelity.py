@@ -161,6 +161,11 @@ def test_sign_accuracy_spearman_and_luck_share_on_hand_computed_values(fid):
     shared = group(fid, est=[1.0, -1.0, 0.0], true=[0, 0, 0], v=[0.6, 0.6, 0.6], shared=True)
     assert fid.luck_share([shared]) == 0.0
     assert fid.luck_share([group(fid, est=[0, 0, 0], true=[1, 2, 3])]) is None
+    # the batch correlation pools every sample of the task's groups
+    a, b = group(fid, est=[1, -1], true=[2, 0]), group(fid, est=[0, 0], true=[1, 1])
+    assert fid.batch_correlation([a, b]) == pytest.approx(np.corrcoef([1, -1, 0, 0], [2, 0, 1, 1])[0, 1])
+    assert fid.batch_correlation([b, group(fid, est=[0, 0], true=[3, 1])]) == 0.0
+    assert fid.batch_correlation([group(fid, est=[1, 2, 3], true=[1, 1, 1])]) is None
 
 
 def test_pooled_ratios_and_their_bootstrap(fid):
@@ -175,7 +180,7 @@ def test_pooled_ratios_and_their_bootstrap(fid):
 
 ARGS = ["--horizons", "3", "--noise", "0.3", "--tasks", "2", "--n", "3", "--m", "2", "--k-truth", "2", "--k-mc", "2",
         "--sessions-per-task", "2", "--estimators", "grpo-session", "logo-local", "logo-trained", "mc-k1", "mc-k2",
-        "logo-local-all", "logo-lookahead", "--no-progress"]
+        "logo-local-all", "logo-lookahead", "logo-trained-all", "--no-progress"]
 
 
 def test_the_same_seed_gives_the_same_table_and_a_killed_run_resumes(fid, tmp_path, capsys):
@@ -183,7 +188,7 @@ def test_the_same_seed_gives_the_same_table_and_a_killed_run_resumes(fid, tmp_pa
     assert fid.main(["--out", str(tmp_path / "b"), *ARGS]) == 0
     a = json.loads((tmp_path / "a" / "table.json").read_text())
     b = json.loads((tmp_path / "b" / "table.json").read_text())
-    assert a == b and set(a["h3-noise0.3"]) == {"grpo-session", "logo-local", "logo-trained", "mc-k1", "mc-k2", "logo-local-all", "logo-lookahead"}
+    assert a == b and set(a["h3-noise0.3"]) == {"grpo-session", "logo-local", "logo-trained", "mc-k1", "mc-k2", "logo-local-all", "logo-lookahead", "logo-trained-all"}
     row = a["h3-noise0.3"]["grpo-session"]
     assert row["tasks"] == 2 and 0 <= row["signal"][0] <= 1 and row["steps"] > 0
     assert (tmp_path / "a" / "fidelity_horizon.png").stat().st_size > 0
