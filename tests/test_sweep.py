@@ -119,6 +119,36 @@ def test_a_bad_spec_is_a_clear_error(tables, message):
         parse_spec(_spec(**tables), path="spec.toml")
 
 
+def test_exclude_drops_the_matching_runs_and_none_spells_a_settings_none():
+    spec = parse_spec(_spec(axes={"algo": ["logo-grpo", "grpo"], "local_max_questions": [8, "none"], "seed": [0, 1]},
+                            exclude=[{"algo": "grpo", "local_max_questions": "none"}]))
+    combos = [(r.values["algo"], r.values["local_max_questions"], r.values["seed"]) for r in spec.runs]
+    assert combos == [("logo-grpo", 8, 0), ("logo-grpo", 8, 1), ("logo-grpo", "none", 0), ("logo-grpo", "none", 1),
+                      ("grpo", 8, 0), ("grpo", 8, 1)]
+    presets = {r.name: sweep.resolve(spec, r)[0] for r in spec.runs}
+    assert presets["algo-logo-grpo_local_max_questions-none_seed-0"].local_max_questions is None
+    assert presets["algo-logo-grpo_local_max_questions-8_seed-0"].local_max_questions == 8
+    with pytest.raises(SpecError, match="exclude.*names 'alg', which is not an axis"):
+        parse_spec(_spec(exclude=[{"alg": "grpo"}]))
+    with pytest.raises(SpecError, match=r"exclude.*seed = 7 is not a value of that axis"):
+        parse_spec(_spec(exclude=[{"seed": 7}]))
+    with pytest.raises(SpecError, match="exclude.*matches no run"):
+        parse_spec(_spec(axes={"algo": ["grpo"], "seed": [0, 1]}, exclude=[{"algo": "grpo", "seed": 0}, {"seed": 0}]))
+    with pytest.raises(SpecError, match="must be a list of tables"):
+        parse_spec(_spec(exclude={"algo": "grpo"}))
+    with pytest.raises(SpecError, match=r"n_rollouts = 'none': expected an integer"):
+        parse_spec(_spec(settings={"n_rollouts": "none"}))
+
+
+def test_the_uncapped_local_reward_spec_is_logo_against_itself_and_grpo():
+    spec = sweep.load_spec(ROOT / "benchmarks" / "credit_local_all_small.toml")
+    assert spec.preset == "small" and len(spec.runs) == 9
+    names = {r.name for r in spec.runs}
+    assert names == {f"{a}-q{q}-s{s}" for s in range(3) for a, q in (("logo-grpo", 8), ("logo-grpo", "none"), ("grpo", 8))}
+    quick = sweep.load_spec(ROOT / "benchmarks" / "credit_local_all_small.toml", quick=True)
+    assert len(quick.runs) == 3
+
+
 def test_the_quick_variant_replaces_keys_of_its_tables(tmp_path):
     path = tmp_path / "s.toml"
     path.write_text('[sweep]\npreset = "tiny"\n[settings]\nlr = 0.1\nsft_steps = 9\n[axes]\nseed = [0, 1, 2]\n'

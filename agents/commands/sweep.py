@@ -18,11 +18,18 @@ is one run of ``memr2 train``'s job (:func:`agents.commands.train.train`)::
     algo = ["logo-grpo", "grpo"]
     seed = [0, 1]
 
+    [[exclude]]                      # optional, repeatable: drop the runs that match every key
+    algo = "grpo"
+    seed = 1
+
     [report]
     equal_budget = false             # also read held-out F1 at an equal budget of generated tokens
 
     [quick.settings]                 # memr2 sweep --quick: these tables replace keys of the ones above
     n_test = 1
+
+A setting whose type allows None (``local_max_questions``, ``rollout_batch``...) takes the string
+``"none"`` for it, as TOML has no null.
 
 Each run is a Ray task with the spec's resources (``--local`` runs them one after another in
 this process instead, for debugging). Runs that share a warm start (same seed and warm-start
@@ -179,6 +186,7 @@ def parse_spec(data: dict[str, Any], *, path: str = "<spec>", quick: bool = Fals
             if not isinstance(over, dict):
                 raise SpecError(f"{path}: [quick.{table}] must be a table")
             data[table] = {**data.get(table, {}), **over}
+    exclude = data.pop("exclude", [])
     for table, value in data.items():
         if table not in TABLES:
             raise SpecError(f"{path}: unknown table [{table}]{_suggest(table, list(TABLES))}; known: {', '.join(TABLES)}, quick")
@@ -221,9 +229,22 @@ def parse_spec(data: dict[str, Any], *, path: str = "<spec>", quick: bool = Fals
         for value in values:
             _check_setting(path, "axes", key, value)
         axes[key] = values
+    if not isinstance(exclude, list) or not all(isinstance(e, dict) and e for e in exclude):
+        raise SpecError(f"{path}: exclude must be a list of tables ([[exclude]] with axis = value lines)")
+    for entry in exclude:
+        for key, value in entry.items():
+            if key not in axes:
+                raise SpecError(f"{path}: [[exclude]] names {key!r}, which is not an axis; axes: {', '.join(axes)}")
+            if value not in axes[key] and not quick:  # --quick may have cut the value from its axis
+                raise SpecError(f"{path}: [[exclude]] {key} = {value!r} is not a value of that axis: {axes[key]!r}")
     spec = SweepSpec(path=path, preset=preset, settings=settings, axes=axes, cpus=cpus, gpus=gpus,
                      equal_budget=equal_budget, run_name=run_name)
     runs = expand(spec)
+    for entry in exclude:  # like a CI matrix's exclude: drop the combinations that match every key
+        kept = [r for r in runs if any(r.values[k] != v for k, v in entry.items())]
+        if len(kept) == len(runs) and not quick:
+            raise SpecError(f"{path}: [[exclude]] {entry!r} matches no run")
+        runs = kept
     seen: dict[str, RunSpec] = {}
     for r in runs:
         if r.name in seen:
@@ -321,6 +342,8 @@ def _convert(key: str, value: Any) -> Any:
             raise TypeError("expected a string")
         return value
     kind = PRESET_SETTINGS[key]
+    if value == "none" and "None" in kind:  # TOML has no null: "none" spells a setting's None
+        return None
     if key == "stages":
         if isinstance(value, str):
             return parse_stages(value)
