@@ -140,7 +140,9 @@ class LoGoGRPO(GRPO):
             for t in rows:
                 t.advantage *= self.config.local_weight
         return rows, {
-            "local/groups": float(len(plan)),
+            # groups as the advantages see them (one per rerun session and role), as global/groups
+            "local/groups": stats["groups"],
+            "local/planned": float(len(plan)),
             "local/rows": float(len(rows)),
             "local/f1": float(np.mean(f1s)) if f1s else 0.0,
             "local/zero_variance_groups": stats["zero_variance_groups"],
