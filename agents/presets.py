@@ -8,6 +8,7 @@ train / validation / test / warm-start conversations for a run seed.
 
 from __future__ import annotations
 
+import argparse
 import ast
 import re
 from dataclasses import dataclass, fields, replace
@@ -175,7 +176,7 @@ _TYPES = {"int": int, "float": float, "bool": bool, "str": str, "None": type(Non
 """The Python types named in TrainPreset's field annotations."""
 
 
-def add_set_argument(p: "argparse.ArgumentParser") -> None:
+def add_set_argument(p: argparse.ArgumentParser) -> None:
     """``--set KEY=VALUE`` (repeatable): override any field of the preset (see ``agents.presets.TrainPreset``)."""
     p.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
@@ -184,7 +185,7 @@ def add_set_argument(p: "argparse.ArgumentParser") -> None:
     )
 
 
-def preset_from_args(args: "argparse.Namespace", command: str) -> TrainPreset:
+def preset_from_args(args: argparse.Namespace, command: str) -> TrainPreset:
     """The preset named by ``--preset`` with the ``--set`` overrides applied."""
     try:
         return override_preset(PRESETS[args.preset], args.overrides)

@@ -77,7 +77,6 @@ ESTIMATORS = (
     "grpo-session", "grpo-trajectory", "logo-local", "logo-trained", "mc-k1", "mc-k2", "mc-k4",
     "logo-local-all", "logo-lookahead", "logo-trained-all",
 )
-METRICS = ("pair_acc", "sign_acc", "spearman", "luck_r2", "signal", "batch_r", "steps", "tokens")
 MC_K = {"mc-k1": 1, "mc-k2": 2, "mc-k4": 4}
 
 
