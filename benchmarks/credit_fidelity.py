@@ -781,6 +781,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--k-mc", type=int, default=4, help="continuations per rerun for the mc-k* estimators")
     p.add_argument("--sessions-per-task", type=int, default=2, help="sessions measured per task (one from each equal part of the horizon)")
     p.add_argument("--lookahead", type=int, default=2, help="sessions each rerun is continued for logo-lookahead")
+    p.add_argument("--local-max-questions", type=int, default=16, help="questions that score a rerun for logo-local (the paper's 16; the small preset's 8)")
+    p.add_argument("--max-questions", type=int, default=64, help="questions the final memory answers for GRPO's reward (the paper's 64)")
     p.add_argument("--estimators", nargs="+", default=list(ESTIMATORS), help=f"any of {', '.join(ESTIMATORS)}")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
@@ -813,7 +815,8 @@ def main(argv: list[str] | None = None) -> int:
         cells = []
         for h in args.horizons:
             settings = Settings(horizon=h, n=args.n, m=args.m, k_truth=args.k_truth, k_mc=args.k_mc,
-                                sessions_per_task=args.sessions_per_task, lookahead=args.lookahead)
+                                sessions_per_task=args.sessions_per_task, lookahead=args.lookahead,
+                                local_max_questions=args.local_max_questions, max_questions=args.max_questions)
             env = make_env(h, task_seeds_for(args.seed, args.tasks))
             check_settings(settings, args.estimators, LLMPolicy if llm["checkpoints"] else ScriptedPolicy(0.0), env)
             check_horizon(env, h, args.tasks)
