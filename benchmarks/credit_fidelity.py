@@ -17,14 +17,15 @@ scored on the samples it would really produce in training, with the trainers' ow
   session ``k`` rewards from their final memories, normalised over the group;
 * ``grpo-trajectory``: the same groups, every session credited with the whole return;
 * ``logo-local``: LoGo-GRPO's local groups: ``m`` reruns of session ``k`` from one rollout's saved
-  state, each scored right after the session on up to 16 questions answerable by then;
+  state, each scored right after the session on up to 16 questions answerable by then
+  (``--local-max-questions``; the ``small`` preset uses 8);
 * ``logo-trained``: LoGo-GRPO as trained: the global groups, plus a local group for a share
   ``p_local`` of sessions, in one batch;
 * ``mc-k1``, ``mc-k2``, ``mc-k4``: Monte-Carlo rerollouts in VinePPO's manner: each rerun of the
   local group is credited with the mean return of its own ``K_est`` continuations (never the ones
   the ground truth uses), normalised over the group.
 
-Two candidate local signals of our own, on the same reruns:
+Candidate local signals of our own, on the same reruns:
 
 * ``logo-local-all``: the local reward on every question answerable after session ``k``, not a
   subset of 16 (the cap makes the reward of a long horizon a noisy sample; no extra env steps);
@@ -55,6 +56,8 @@ Usage::
     python benchmarks/credit_fidelity.py --out runs/fidelity                  # the full table
     python benchmarks/credit_fidelity.py --out runs/fidelity --report         # table of what is done
     python benchmarks/credit_fidelity.py --out /tmp/f --horizons 8 --noise 0.3 --tasks 3   # a quick look
+    python benchmarks/credit_fidelity.py --out runs/fid-llm --horizons 4 --tasks 8 \
+        --checkpoint warm=runs/ws --checkpoint rl=runs/small-logo-grpo-s0/final   # LLM policies
 
 Each task's record is written to ``OUT/<cell>/task-<i>.json`` as soon as it is measured; a killed
 run continues where it stopped, and the same seed gives the same records and table.
