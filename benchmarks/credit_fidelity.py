@@ -358,12 +358,13 @@ def measure_task(env, policy, task: int, settings: Settings, seed: int) -> dict:
         # 3. the look-ahead signal: one continuation of each rerun for a few sessions
         ahead = min(s.lookahead, sessions[-1] - k)
         conts = policy.play_many(env, [Job(r.end, derive_seed(seed, task, 8, k, j), max_sessions=ahead) for j, r in enumerate(reruns)]) if ahead else []
+        r_local = [local_reward(env, r.end, k, s.local_max_questions)[0] for r in reruns]
         look = [(local_reward(env, c.end, k + ahead, s.local_max_questions)[0], c.steps, c.tokens) for c in conts] or [
-            (local_reward(env, r.end, k, s.local_max_questions)[0], 0, 0) for r in reruns  # the last session: nothing ahead
+            (r, 0, 0) for r in r_local  # the last session: nothing ahead, the local reward itself
         ]
         row["local"] = {
             "source": source,
-            "r_local": [local_reward(env, r.end, k, s.local_max_questions)[0] for r in reruns],
+            "r_local": r_local,
             "r_local_all": [local_reward(env, r.end, k, None)[0] for r in reruns],
             "r_lookahead": [x[0] for x in look], "lookahead_steps": [x[1] for x in look], "lookahead_tokens": [x[2] for x in look],
             "Q": [e.mean for e in rq], "Q_se": [e.se for e in rq],
