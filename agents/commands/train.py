@@ -59,6 +59,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rollout-batch", type=int, default=None, help="most prompts decoded at once in rollouts (default: all)")
     p.add_argument("--device", default="cpu", help="torch device (cpu, cuda)")
     p.add_argument(
+        "--backend", choices=("auto", "hf", "vllm"), default="auto",
+        help="rollout sampler: vllm (in-process vLLM, weights synced after every update), hf (transformers), "
+        "auto (default: vllm where installed and able to serve the model, else hf)",
+    )
+    p.add_argument(
         "--workers", type=int, default=0,
         help="run the rollouts on this many Ray actors (needs the ray extra; default 0: in this process); "
         "results do not depend on the number",
@@ -89,6 +94,8 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit(f"memr2 train: {err}") from err
     if args.workers < 0:
         raise SystemExit(f"memr2 train: --workers must be 0 (in process) or more, got {args.workers}")
+    if args.workers and args.backend == "vllm":
+        raise SystemExit("memr2 train: --backend vllm runs in this process; the Ray workers (--workers N) sample with the HF backend")
     if args.ray_address and not args.workers:
         raise SystemExit("memr2 train: --ray-address needs --workers N")
     if args.workers:  # before any work: Ray missing or a cluster that is down is a clear error now
@@ -102,7 +109,7 @@ def run(args: argparse.Namespace) -> int:
     result = train(
         preset, out=out, algo=args.algo, model_path=model_path, resume=args.resume, seed=args.seed,
         device=args.device, progress=not args.no_progress, preset_name=args.preset,
-        workers=args.workers, worker_timeout=args.worker_timeout,
+        workers=args.workers, worker_timeout=args.worker_timeout, backend="hf" if args.workers else args.backend,
     )
     test = result["test"]
     print(f"test F1 {test['f1']:.3f}  (memory {test['memory_size']:.1f} entries, parse errors {test['parse_error_rate']:.1%})")
@@ -110,10 +117,24 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load_policy(path: Path, preset: TrainPreset, device: str):
+def _load_policy(path: Path, preset: TrainPreset, device: str, sampler: dict | None = None):
+    """The policy saved at ``path``. ``sampler`` (``{"choice": ..., "backend": ...}``) gives it the
+    run's backend: the first call builds it (``choice``: auto, hf or vllm), later calls reuse it
+    and load the new weights into it."""
     from agents.policy import SharedPolicy
 
-    return SharedPolicy.from_pretrained(path, device=device, prompt_style=preset.prompt_style, dtype=preset.dtype)
+    policy = SharedPolicy.from_pretrained(path, device=device, prompt_style=preset.prompt_style, dtype=preset.dtype)
+    if sampler is not None and sampler["choice"] != "hf":
+        if sampler.get("backend") is None:  # the first load decides; "hf" from then on if vLLM is not used
+            from agents.policy.backends import choose_backend
+
+            chosen = choose_backend(policy, sampler["choice"], path, device=device)
+            sampler.update(choice="hf" if chosen is policy.backend else sampler["choice"], backend=chosen)
+            if chosen is policy.backend:
+                return policy
+        policy.backend = sampler["backend"]
+        policy.sync_backend()
+    return policy
 
 
 def train(
@@ -129,12 +150,16 @@ def train(
     preset_name: str = "custom",
     workers: int = 0,
     worker_timeout: float = 1800.0,
+    backend: str = "hf",
 ) -> dict[str, Any]:
     """Run the whole job and return the contents of ``results.json``.
 
     ``workers > 0`` runs the training rollouts (global and local) on that many Ray actors
     (:mod:`agents.generation.distributed`; Ray must be installed, and is started locally
     unless already initialised); the rollouts and metrics are the same as in process.
+    ``backend`` is the rollout sampler (:mod:`agents.policy.backends`: ``hf``, ``vllm`` or
+    ``auto``); with vLLM the update recomputes the old log-probs with the trained model
+    (``UpdateConfig.old_logprobs="trainer"``).
     """
     import torch
 
@@ -173,6 +198,7 @@ def train(
                   f"{report['env']['model']['f1']:.3f} (teacher {report['env']['teacher']['f1']:.3f}, "
                   f"{report['env']['eval_tasks']} conversations, horizon {report['env']['horizon']})")
 
+    sampler: dict[str, Any] = {"choice": backend, "backend": None}
     state: dict[str, Any] = {"prompt_style": preset.prompt_style, "max_new_tokens": preset.max_new_tokens, "stage": 0, "step": 0, "global_step": 0, "stage_start": str(start_path), "best": None, "validation": [], "generated_tokens": 0, "trainer_rng": None}
     policy = None
     optimizer_state = None
@@ -180,7 +206,7 @@ def train(
         ck = load_checkpoint(last, load_model=False)
         state = ck["trainer_state"]
         optimizer_state = ck["optimizer"]
-        policy = _load_policy(last, preset, device)
+        policy = _load_policy(last, preset, device, sampler)
         from agents.commands.checkpoint import restore_rng_state
 
         restore_rng_state(ck["rng_state"])
@@ -190,7 +216,7 @@ def train(
     elif resume:
         _rewind_metrics(out / "metrics.jsonl", 0)  # killed before its first checkpoint: the run starts over
     if policy is None:
-        policy = _load_policy(Path(state["stage_start"]), preset, device)
+        policy = _load_policy(Path(state["stage_start"]), preset, device, sampler)
 
     elapsed_before = float(state.get("elapsed_s", 0.0))
 
@@ -205,7 +231,7 @@ def train(
     try:
         return _curriculum(
             preset, out=out, algo=algo, seed=seed, device=device, progress=progress, policy=policy, state=state,
-            optimizer_state=optimizer_state, seeds=seeds, settings=settings, pool=pool, clock=clock,
+            optimizer_state=optimizer_state, seeds=seeds, settings=settings, pool=pool, clock=clock, sampler=sampler,
         )
     finally:
         if pool is not None:
@@ -217,7 +243,7 @@ def run_settings(preset: TrainPreset, *, preset_name: str, algo: str, seed: int,
     return {"preset": preset_name, "algo": algo, "seed": seed, "model": str(model_path) if model_path else None, **_jsonable(asdict(preset))}
 
 
-def _curriculum(preset, *, out, algo, seed, device, progress, policy, state, optimizer_state, seeds, settings, pool, clock):
+def _curriculum(preset, *, out, algo, seed, device, progress, policy, state, optimizer_state, seeds, settings, pool, clock, sampler=None):
     """Steps 2 and 3 of :func:`train`: the curriculum and the test evaluation."""
     from agents.commands.checkpoint import checkpoint_path, save_checkpoint
     from agents.commands.logging import MetricsLogger, plot_curves
@@ -239,6 +265,7 @@ def _curriculum(preset, *, out, algo, seed, device, progress, policy, state, opt
         lr=preset.lr, epochs=preset.epochs, micro_batch=preset.micro_batch,
         gradient_checkpointing=preset.gradient_checkpointing, kl_coef=preset.kl_coef,
         entropy_coef=preset.entropy_coef, temperature=preset.temperature,
+        old_logprobs="trainer" if sampler and sampler["choice"] != "hf" else "sampler",
     )
     extra = {"p_local": preset.p_local, "m_reruns": preset.m_reruns, "local_max_questions": preset.local_max_questions} if algo == "logo-grpo" else {}
     cfg = cfg_cls(
@@ -289,7 +316,7 @@ def _curriculum(preset, *, out, algo, seed, device, progress, policy, state, opt
         _validate_and_keep(policy, val_fn, seeds["val"], preset, state, stage_idx, stage, logger, out)
         # The best checkpoint of the stage starts the next one and is its KL reference.
         best_path = out / f"stage{stage_idx}-best"
-        policy = _load_policy(best_path, preset, device)
+        policy = _load_policy(best_path, preset, device, sampler)
         state.update(stage=stage_idx + 1, step=0, stage_start=str(best_path), best=None, trainer_rng=None)
         checkpoint(None)
 

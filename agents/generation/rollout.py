@@ -160,9 +160,13 @@ class RolloutEngine:
         self.timing = {"generate_s": 0.0, "env_s": 0.0, "calls": 0, **dict.fromkeys(WORK_COUNTS, 0), "generated_tokens": 0}
 
     def weights_changed(self) -> None:
-        """Called by the trainers after every update. The policy runs in this process, so there
-        is nothing to do; :class:`agents.generation.distributed.RayRolloutEngine` broadcasts
-        the new weights to its workers here."""
+        """Called by the trainers after every update. The policy runs in this process; a backend
+        with its own copy of the weights (vLLM) gets the new ones here, in memory
+        (``policy.sync_backend``). :class:`agents.generation.distributed.RayRolloutEngine`
+        broadcasts them to its workers instead."""
+        sync = getattr(self.policy, "sync_backend", None)
+        if sync is not None:
+            sync()
 
     def _use_continuous(self) -> bool:
         supported = bool(getattr(self.policy, "supports_continuous", False))

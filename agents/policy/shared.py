@@ -24,6 +24,7 @@ import torch
 
 from agents.generation.hf import HFBackend
 from agents.generation.interface import GenerationBackend, left_pad, stop_token_ids
+from agents.policy.chat import encode_chat
 from agents.policy.precision import resolve_dtype
 from agents.policy.prompts import PROMPT_STYLES, ROLES, role_index, system_prompt
 
@@ -131,6 +132,16 @@ class SharedPolicy:
         model = AutoModelForCausalLM.from_pretrained(directory, local_files_only=True, dtype=dtype)
         return cls(model.to(device), tokenizer, prompt_style=prompt_style)
 
+    def sync_backend(self) -> bool:
+        """Give the backend the model's current weights, where it keeps its own copy (vLLM);
+        the trainers call this after every update (through ``RolloutEngine.weights_changed``).
+        Returns whether there was anything to sync: the HF backends run ``self.model`` itself."""
+        load = getattr(self.backend, "load_weights", None)
+        if load is None:
+            return False
+        load(self.model.state_dict().items())
+        return True
+
     # ----------------------------------------------------------------- prompts and SFT examples
 
     def messages(self, role: int | str, text: str, completion: str | None = None) -> list[dict]:
@@ -179,15 +190,7 @@ class SharedPolicy:
 
     def _apply_template(self, messages: list[dict], add_generation_prompt: bool = False) -> list[int]:
         """Token ids of ``messages`` with control-token strings in their contents escaped."""
-        return list(
-            self.tokenizer.apply_chat_template(
-                messages,
-                add_generation_prompt=add_generation_prompt,
-                tokenize=True,
-                return_dict=False,
-                sanitize_control_tokens=True,
-            )
-        )
+        return encode_chat(self.tokenizer, messages, add_generation_prompt=add_generation_prompt)
 
     # --------------------------------------------------------------------------- sampling
 

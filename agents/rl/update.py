@@ -48,6 +48,17 @@ class UpdateConfig:
     """``"turn"``: the paper's turn-level ratio; ``"token"``: per-token PPO ratio."""
     temperature: float = 1.0
     """Sampling temperature of the rollouts (log-probs are taken at the same temperature)."""
+    old_logprobs: str = "sampler"
+    """The ``old`` log-probs of the PPO ratio. ``"sampler"``: those the backend reported at
+    sampling time (exact for the HF backend, which runs the trainer's own model). ``"trainer"``:
+    recomputed with the trainer's model before the first epoch, for a sampler whose numbers
+    differ from the trainer's (vLLM: other kernels, maybe another dtype). Then the first epoch's
+    ratio is exactly 1, and the sampler/trainer mismatch is corrected by a truncated importance
+    weight per turn, ``min(exp(mean_t(trainer - sampler)), tis_cap)``, that scales the
+    advantage (the turn-level analogue of the truncated importance sampling TRL and verl apply
+    to vLLM rollouts). The update reports the gap (``sampler/*``)."""
+    tis_cap: float = 2.0
+    """Upper bound of the truncated importance weight (``old_logprobs="trainer"`` only)."""
 
 
 def pad_rows(values: Sequence[Sequence[float]], device) -> tuple["torch.Tensor", "torch.Tensor"]:
@@ -101,6 +112,13 @@ def policy_update(policy, optimizer, rows, cfg: UpdateConfig, *, ref_policy=None
     device = model.device
     rng = np.random.default_rng(seed)
     totals: dict[str, list[float]] = {}
+    if cfg.old_logprobs not in ("sampler", "trainer"):
+        raise ValueError(f"old_logprobs must be 'sampler' or 'trainer', got {cfg.old_logprobs!r}")
+    old_rows = [list(r.logprobs) for r in rows]
+    weights = [1.0] * len(rows)
+    if cfg.old_logprobs == "trainer":
+        old_rows, weights, gap = _trainer_logprobs(policy, rows, cfg)
+        totals.update({k: [v] for k, v in gap.items()})
     for epoch in range(cfg.epochs):
         order = rng.permutation(len(rows))
         optimizer.zero_grad(set_to_none=True)
@@ -110,12 +128,14 @@ def policy_update(policy, optimizer, rows, cfg: UpdateConfig, *, ref_policy=None
             completions = [r.completion_ids for r in batch]
             new = policy.logprobs_of(prompts, completions, temperature=cfg.temperature)
             logp, mask = pad_rows(new, device)
-            old, _ = pad_rows([r.logprobs for r in batch], device)
+            old, _ = pad_rows([old_rows[i] for i in order[start : start + cfg.micro_batch]], device)
             ref = None
             if ref_policy is not None and cfg.kl_coef > 0:
                 with torch.no_grad():
                     ref, _ = pad_rows(ref_policy.logprobs_of(prompts, completions, temperature=cfg.temperature), device)
-            adv = torch.tensor([r.advantage for r in batch], dtype=torch.float32, device=device)
+            adv = torch.tensor(
+                [rows[i].advantage * weights[i] for i in order[start : start + cfg.micro_batch]], dtype=torch.float32, device=device
+            )
             loss, stats = loss_fn(
                 logp, old, adv, mask,
                 clip_eps=cfg.clip_eps, dual_clip=cfg.dual_clip, logratio_cap=cfg.logratio_cap,
@@ -140,3 +160,33 @@ def policy_update(policy, optimizer, rows, cfg: UpdateConfig, *, ref_policy=None
     out = {k: float(np.mean(v)) for k, v in totals.items()}
     out["rows"] = float(len(rows))
     return out
+
+
+def _trainer_logprobs(policy, rows, cfg: UpdateConfig) -> tuple[list[list[float]], list[float], dict[str, float]]:
+    """The rows' log-probs under the trainer's model (no gradients), the truncated importance
+    weight of each row, and the sampler/trainer gap: mean and max absolute difference per
+    token, and the mean and max turn-level ratio ``exp(mean_t(trainer - sampler))``."""
+    import torch
+
+    model = policy.model
+    was_training = model.training
+    model.eval()
+    trainer: list[list[float]] = []
+    try:
+        with torch.no_grad():
+            for start in range(0, len(rows), cfg.micro_batch):
+                batch = rows[start : start + cfg.micro_batch]
+                out = policy.logprobs_of([r.prompt_ids for r in batch], [r.completion_ids for r in batch], temperature=cfg.temperature)
+                trainer += [[float(x) for x in lp] for lp in out]
+    finally:
+        model.train(was_training)
+    diffs = [np.asarray(t) - np.asarray(r.logprobs, dtype=float) for t, r in zip(trainer, rows)]
+    ratios = np.exp([float(d.mean()) for d in diffs])
+    weights = [float(min(w, cfg.tis_cap)) for w in ratios]
+    flat = np.abs(np.concatenate(diffs))
+    gap = {
+        "sampler/logprob_abs_diff_mean": float(flat.mean()), "sampler/logprob_abs_diff_max": float(flat.max()),
+        "sampler/ratio_mean": float(ratios.mean()), "sampler/ratio_max": float(ratios.max()),
+        "sampler/truncated_share": float(np.mean(ratios > cfg.tis_cap)),
+    }
+    return trainer, weights, gap
