@@ -67,8 +67,12 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2, help="runs of the engine and the same-work ceiling (median ratio)")
     ap.add_argument("--compare-transformers", type=int, default=0, metavar="N",
                     help="instead of the table: N fixed prompts through transformers' continuous batching and ours")
+    ap.add_argument("--compare-backends", type=int, default=0, metavar="N",
+                    help="instead of the table: N fixed prompts and --envs rollouts through the vLLM backend and the HF ones")
+    ap.add_argument("--rl-update", action="store_true",
+                    help="with --compare-backends: also time one whole RL step (rollouts, update, weight sync) per backend")
     args = ap.parse_args()
-    rows = args.rows or (args.compare_transformers or args.envs)
+    rows = args.rows or (args.compare_transformers or args.compare_backends or args.envs)
 
     import torch
 
@@ -129,6 +133,11 @@ def main() -> None:
         prompts = [t.prompt_ids for r in warmup for t in r.turns]
         prompts = [prompts[i % len(prompts)] for i in range(args.compare_transformers)]
         compare_transformers(policy, prompts, args, rows, model_dir)
+        return
+    if args.compare_backends:
+        prompts = [t.prompt_ids for r in warmup for t in r.turns]
+        prompts = [prompts[i % len(prompts)] for i in range(args.compare_backends)]
+        compare_backends(policy, prompts, env_fn, starts, args, rows, model_dir)
         return
 
     # The speed of a shared machine drifts by up to 2x within minutes, so a ratio is only fair
@@ -255,6 +264,48 @@ def main() -> None:
     print(f"env time: {lockstep_env_share:.1%} of the lockstep engine's rollout time ({lockstep.timing['calls']} generate calls)")
 
 
+def clock() -> tuple[float, float]:
+    """(wall, CPU) seconds now."""
+    return time.perf_counter(), time.process_time()
+
+
+def since(start: tuple[float, float]) -> tuple[float, float]:
+    return tuple(now - then for now, then in zip(clock(), start))
+
+
+def transformers_continuous(policy, prompts, temperature: float, width: int, new: int):
+    """transformers' own continuous batching (``ContinuousBatchingManager``) over ``prompts``:
+    completions and {span: (wall, cpu) seconds}, the whole call and from adding the requests to
+    the last result (the manager already running)."""
+    from transformers import ContinuousBatchingConfig, GenerationConfig
+
+    model, backend = policy.model, policy.backend
+    # Sampling as ours samples: plain temperature, no top-k, stop at our stop ids. The paged
+    # cache is sized to hold every prompt and completion at once: sized from free memory (the
+    # default), it takes 90% of the machine's RAM on CPU and seconds to allocate.
+    sampling = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if temperature > 0 else {}
+    config = GenerationConfig(**sampling, max_new_tokens=new, eos_token_id=backend.stop_ids, pad_token_id=policy.pad_id)
+    page = ContinuousBatchingConfig.page_size
+    blocks = sum(-(-(len(p) + new) // page) for p in prompts)
+    cb = ContinuousBatchingConfig(num_blocks=blocks, max_requests_per_batch=width, seed=0)
+    whole = clock()
+    # What model.generate_batch does, less its progress bar, raising errors it only logs.
+    with model.continuous_batching_context_manager(generation_config=config, continuous_batching_config=cb) as manager:
+        requests = clock()
+        ids = manager.add_requests(inputs=prompts, max_new_tokens=new)
+        results = {}
+        while len(results) < len(ids):
+            result = manager.get_result(timeout=1)
+            if result is None and not manager.is_running():
+                raise RuntimeError("the continuous batching thread stopped")
+            if result is not None and result.is_finished():
+                if result.error is not None:
+                    raise RuntimeError(result.error)
+                results[result.request_id] = result.generated_tokens
+        requests = since(requests)
+    return [results[i] for i in ids], {"whole": since(whole), "requests": requests}
+
+
 def compare_transformers(policy, prompts, args, rows: int, model_dir) -> None:
     """Print tokens/s of our continuous batching and of transformers' own on ``prompts``, and
     whether their greedy completions agree token for token.
@@ -264,15 +315,8 @@ def compare_transformers(policy, prompts, args, rows: int, model_dir) -> None:
     """
     import torch
     import transformers
-    from transformers import ContinuousBatchingConfig, GenerationConfig
 
     model, backend, new = policy.model, policy.backend, args.max_new_tokens
-
-    def clock() -> tuple[float, float]:
-        return time.perf_counter(), time.process_time()
-
-    def since(start: tuple[float, float]) -> tuple[float, float]:
-        return tuple(now - then for now, then in zip(clock(), start))
 
     # One random stream per prompt, as the rollout engine gives each rollout (rollout_seed).
     streams = list(range(len(prompts)))
@@ -291,32 +335,7 @@ def compare_transformers(policy, prompts, args, rows: int, model_dir) -> None:
         return [completions[i] for i in range(len(prompts))], {"ours": since(start)}
 
     def theirs(temperature: float, width: int = rows):
-        """Completions and {span: (wall, cpu) seconds}: the whole call, and from adding the
-        requests to the last result (the manager already running)."""
-        # Sampling as ours samples: plain temperature, no top-k, stop at our stop ids. The paged
-        # cache is sized to hold every prompt and completion at once: sized from free memory (the
-        # default), it takes 90% of the machine's RAM on CPU and seconds to allocate.
-        sampling = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if temperature > 0 else {}
-        config = GenerationConfig(**sampling, max_new_tokens=new, eos_token_id=backend.stop_ids, pad_token_id=policy.pad_id)
-        page = ContinuousBatchingConfig.page_size
-        blocks = sum(-(-(len(p) + new) // page) for p in prompts)
-        cb = ContinuousBatchingConfig(num_blocks=blocks, max_requests_per_batch=width, seed=0)
-        whole = clock()
-        # What model.generate_batch does, less its progress bar, raising errors it only logs.
-        with model.continuous_batching_context_manager(generation_config=config, continuous_batching_config=cb) as manager:
-            requests = clock()
-            ids = manager.add_requests(inputs=prompts, max_new_tokens=new)
-            results = {}
-            while len(results) < len(ids):
-                result = manager.get_result(timeout=1)
-                if result is None and not manager.is_running():
-                    raise RuntimeError("the continuous batching thread stopped")
-                if result is not None and result.is_finished():
-                    if result.error is not None:
-                        raise RuntimeError(result.error)
-                    results[result.request_id] = result.generated_tokens
-            requests = since(requests)
-        return [results[i] for i in ids], {"whole": since(whole), "requests": requests}
+        return transformers_continuous(policy, prompts, temperature, width, new)
 
     print(f"model: {model_dir}  prompts: {len(prompts)} ({min(map(len, prompts))}-{max(map(len, prompts))} tokens)  "
           f"rows: {rows}  max_new_tokens: {new}  repeats: {args.repeats}  torch threads: {torch.get_num_threads()}  "
@@ -368,6 +387,160 @@ def compare_transformers(policy, prompts, args, rows: int, model_dir) -> None:
         for engine, line in reproduced.items():
             print(f"| {temperature:g} | sampled completions of {engine}, same seed | {line} | | | |")
     print("(generated tokens over seconds, best of the repeats)")
+
+def compare_backends(policy, prompts, env_fn, starts, args, rows: int, model_dir) -> None:
+    """Print the vLLM backend against the HF ones (issue 38's table).
+
+    1. The same fixed prompts, sampled at ``--temperature`` with one random stream per prompt:
+       vLLM (``VLLMBackend.generate_continuous``), our HF continuous engine, transformers'
+       ``ContinuousBatchingManager`` and the ceiling (one batched ``generate`` call per
+       ``rows`` prompts, forced to ``max_new_tokens``). Best of ``--repeats``, alternating.
+    2. Whole rollouts of ``--envs`` environments through the rollout engine with each backend:
+       tokens/s and the env's share of the wall time; for vLLM also whether the same seed gives
+       the same tokens at half the batch width.
+    3. The sampler/trainer log-prob gap on vLLM's completions: mean and max absolute difference
+       per token, and the first epoch's turn-level importance ratio ``exp(mean_t(trainer - sampler))``.
+    4. ``--rl-update``: one whole step of ``memr2 train`` per backend from ``model_dir``: the
+       rollouts, the update, the weight sync (vLLM) and the step, from the run's metrics.
+    """
+    import json
+
+    import numpy as np
+    import torch
+
+    from agents.generation.rollout import RolloutEngine
+    from agents.generation.vllm import VLLMBackend
+    from agents.policy import SharedPolicy
+
+    new, temperature = args.max_new_tokens, args.temperature
+    dtype = str(policy.model.dtype).removeprefix("torch.")
+    t0 = time.perf_counter()
+    vllm_backend = VLLMBackend(model_dir, policy.stop_ids, dtype=dtype)
+    load_s = time.perf_counter() - t0
+    vllm_policy = SharedPolicy(policy.model, policy.tokenizer, prompt_style=policy.prompt_style, backend=vllm_backend)
+    streams = list(range(len(prompts)))
+
+    def continuous(backend, width=rows, extra=None):
+        completions = {}
+
+        def done(slot, output):
+            completions[slot] = output
+            return None
+
+        start = clock()
+        backend.generate_continuous(prompts, done, temperature=temperature, max_new_tokens=new, seed=streams, max_batch=width, **(extra or {}))
+        return [completions[i] for i in range(len(prompts))], since(start)
+
+    def hf():
+        outputs, spans = continuous(policy.backend, extra={"prefixes": policy.role_prefixes})
+        return [ids for ids, _, _ in outputs], spans
+
+    def vllm():
+        outputs, spans = continuous(vllm_backend)
+        return [ids for ids, _, _ in outputs], spans
+
+    def transformers_cb():
+        outputs, spans = transformers_continuous(policy, prompts, temperature, rows, new)
+        return outputs, spans["whole"]
+
+    def ceiling():
+        start, tokens = clock(), []
+        for i in range(0, len(prompts), rows):
+            ids, mask = left_pad_prompts(policy, prompts[i : i + rows])
+            with torch.no_grad():
+                out = policy.model.generate(
+                    input_ids=ids, attention_mask=mask, do_sample=True, temperature=max(temperature, 1e-5), top_k=0,
+                    max_new_tokens=new, min_new_tokens=new, pad_token_id=policy.pad_id,
+                )
+            tokens += [out[j, ids.shape[1]:].tolist() for j in range(len(out))]
+        return tokens, since(start)
+
+    runs = {"vLLM backend (VLLMBackend.generate_continuous)": vllm, "our HF continuous engine (HFBackend.generate_continuous)": hf,
+            "transformers' ContinuousBatchingManager": transformers_cb, f"batched generate, {rows} per call, forced to {new} tokens (ceiling)": ceiling}
+    best = {name: (0.0, 0.0) for name in runs}
+    first_call = {}
+    for repeat in range(args.repeats):
+        for name, run in runs.items():
+            try:
+                outputs, (wall, cpu) = run()
+            except Exception as error:  # noqa: BLE001 - a failing engine is a result too
+                best[name] = f"failed: {type(error).__name__}: {str(error)[:120]}"
+                continue
+            tokens = sum(map(len, outputs))
+            if repeat == 0:
+                first_call[name] = tokens / wall
+            if isinstance(best[name], tuple):
+                best[name] = (max(best[name][0], tokens / wall), max(best[name][1], tokens / cpu))
+    print(f"model: {model_dir} ({dtype})  prompts: {len(prompts)} ({min(map(len, prompts))}-{max(map(len, prompts))} tokens)  rows: {rows}  "
+          f"max_new_tokens: {new}  temperature: {temperature:g}  repeats: {args.repeats}  torch threads: {torch.get_num_threads()}  "
+          f"vLLM engine load: {load_s:.1f} s")
+    print("\n| sampler | tokens/s (wall, best) | tokens per CPU second | first call tokens/s | vs our HF engine |")
+    print("|---|---:|---:|---:|---:|")
+    ours = best["our HF continuous engine (HFBackend.generate_continuous)"]
+    for name, value in best.items():
+        if isinstance(value, str):
+            print(f"| {name} | {value} | | | |")
+            continue
+        vs = f"{value[0] / ours[0]:.2f}x" if isinstance(ours, tuple) and ours[0] else ""
+        print(f"| {name} | {value[0]:,.0f} | {value[1]:,.0f} | {first_call.get(name, 0):,.0f} | {vs} |")
+
+    # 2. Whole rollouts.
+    print("\n| rollouts through the engine | tokens/s | env share of wall time |")
+    print("|---|---:|---:|")
+    records = {}
+    for name, p in (("HF continuous", policy), ("vLLM", vllm_policy)):
+        engine = RolloutEngine(p, env_fn, temperature=temperature, max_new_tokens=new, save_states=False, max_batch=rows)
+        start = time.perf_counter()
+        records[name] = engine.run(starts, seed=0)
+        wall = time.perf_counter() - start
+        tokens = sum(r.generated_tokens for r in records[name])
+        print(f"| {name}, {len(starts)} envs, {rows} rows | {tokens / wall:,.0f} | {engine.timing['env_s'] / wall:.1%} |")
+    half = max(1, rows // 2)
+    narrow = RolloutEngine(vllm_policy, env_fn, temperature=temperature, max_new_tokens=new, save_states=False, max_batch=half).run(starts, seed=0)
+    turns = [t for r in records["vLLM"] for t in r.turns]
+    same = sum(a.completion_ids == b.completion_ids for r, q in zip(records["vLLM"], narrow) for a, b in zip(r.turns, q.turns))
+    print(f"\nvLLM, same seed at {half} rows instead of {rows}: {same} of {len(turns)} turns token for token identical")
+
+    # 3. Sampler vs trainer log-probs on vLLM's own turns.
+    diffs = []
+    for i in range(0, len(turns), 8):
+        batch = turns[i : i + 8]
+        with torch.no_grad():
+            trainer = policy.logprobs_of([t.prompt_ids for t in batch], [t.completion_ids for t in batch], temperature=temperature)
+        diffs += [lp.double().numpy() - np.asarray(t.logprobs) for lp, t in zip(trainer, batch) if len(t.completion_ids)]
+    flat = np.abs(np.concatenate(diffs))
+    ratios = np.exp([d.mean() for d in diffs])
+    print(f"sampler (vLLM, {dtype}) vs trainer (HF, {dtype}) log-probs over {flat.size} tokens: mean |diff| {flat.mean():.2e}, "
+          f"max {flat.max():.2e}; first-epoch turn ratio exp(mean(trainer - sampler)): mean {ratios.mean():.4f}, "
+          f"range {ratios.min():.4f}-{ratios.max():.4f}")
+    timings = []
+    for _ in range(3):
+        start = time.perf_counter()
+        vllm_policy.sync_backend()
+        timings.append(time.perf_counter() - start)
+    print(f"weight sync (state dict into the running engine, prefix cache reset): {min(timings):.2f}-{max(timings):.2f} s")
+
+    if args.rl_update:
+        from agents.commands.train import train
+        from agents.presets import PRESETS, override_preset
+
+        preset = override_preset(PRESETS[args.preset], [
+            f"stages={args.horizon}:1", "n_val=1", "n_test=1", f"max_new_tokens={new}", f"rollout_batch={rows}",
+        ])
+        print("\n| one RL step (memr2 train, 1 step) | rollouts s | step s (rollouts, update, sync) | update rows |")
+        print("|---|---:|---:|---:|")
+        for backend in ("hf", "vllm"):
+            out = Path(tempfile.mkdtemp()) / backend
+            train(preset, out=out, model_path=Path(model_dir), seed=0, progress=False, preset_name=args.preset, backend=backend)
+            step = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if '"time/step_s"' in line][0]
+            print(f"| {backend} | {step['time/rollout_s']:.1f} | {step['time/step_s']:.1f} | {step.get('update/rows', 0):.0f} |")
+
+
+def left_pad_prompts(policy, prompts):
+    from agents.generation.interface import left_pad
+
+    return left_pad(prompts, policy.pad_id, policy.model.device)
+
 
 if __name__ == "__main__":
     main()

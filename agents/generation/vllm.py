@@ -26,6 +26,10 @@ differ from the trainer's recomputation (docs/training.md gives the measured gap
 never treats them as the trainer's: the update recomputes old log-probs with the trainer's model
 before the first epoch (see :mod:`agents.rl.update`).
 
+One engine per process: vLLM keeps its parallel state process-wide, and an engine that is
+dropped tears it down under any other (``memr2 train`` builds one per run and loads each new
+policy into it).
+
 Environment: the engine runs in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0`` unless set).
 On CPUs, ``VLLM_CPU_KVCACHE_SPACE`` (GiB) sizes the KV cache; ``kv_cache_gib`` sets it when
 unset.
@@ -83,6 +87,10 @@ class VLLMBackend:
         seed: the engine's seed (for requests without a seed of their own).
         device: ``"cpu"`` or ``"cuda"``; only decides the defaults above, vLLM picks its platform.
         gpu_memory_utilization: share of GPU memory vLLM may take (CUDA only).
+        max_num_batched_tokens: most tokens one engine step runs (default: 8,192 or
+            ``max_model_len`` if larger). On CPUs prompts are never split across steps
+            (chunked prefill off): vLLM rewinds a seeded request's generator after a partial
+            prefill, which only CUDA generators can do ("CPU Generator does not use offset").
 
     Raises:
         ImportError: vLLM is not installed (the message names the install line).
@@ -104,6 +112,7 @@ class VLLMBackend:
         seed: int = 0,
         device: str = "cpu",
         gpu_memory_utilization: float = 0.5,
+        max_num_batched_tokens: int | None = None,
     ):
         if not vllm_available():
             raise ImportError(f"the vLLM backend needs vLLM, which is not installed; install it with: {VLLM_INSTALL}")
@@ -127,7 +136,10 @@ class VLLMBackend:
             enable_prefix_caching=True, logprobs_mode="processed_logprobs", generation_config="vllm",
             max_model_len=self.max_model_len, disable_log_stats=True,
         )
-        if self.device != "cpu":
+        kwargs["max_num_batched_tokens"] = int(max_num_batched_tokens or max(8192, self.max_model_len))
+        if self.device == "cpu":
+            kwargs["enable_chunked_prefill"] = False
+        else:
             kwargs["gpu_memory_utilization"] = float(gpu_memory_utilization)
         try:
             self.llm = LLM(**kwargs)
