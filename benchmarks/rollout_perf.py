@@ -69,6 +69,8 @@ def main() -> None:
                     help="instead of the table: N fixed prompts through transformers' continuous batching and ours")
     ap.add_argument("--compare-backends", type=int, default=0, metavar="N",
                     help="instead of the table: N fixed prompts and --envs rollouts through the vLLM backend and the HF ones")
+    ap.add_argument("--logprob-gap", type=int, default=0, metavar="N",
+                    help="instead of the table: the sampler/trainer log-prob gap of vLLM on N prompts, in float32 and bfloat16")
     ap.add_argument("--rl-update", action="store_true",
                     help="with --compare-backends: also time one whole RL step (rollouts, update, weight sync) per backend")
     args = ap.parse_args()
@@ -133,6 +135,10 @@ def main() -> None:
         prompts = [t.prompt_ids for r in warmup for t in r.turns]
         prompts = [prompts[i % len(prompts)] for i in range(args.compare_transformers)]
         compare_transformers(policy, prompts, args, rows, model_dir)
+        return
+    if args.logprob_gap:
+        prompts = [t.prompt_ids for r in warmup for t in r.turns]
+        logprob_gap(policy, [prompts[i % len(prompts)] for i in range(args.logprob_gap)], args, model_dir)
         return
     if args.compare_backends:
         prompts = [t.prompt_ids for r in warmup for t in r.turns]
@@ -534,6 +540,39 @@ def compare_backends(policy, prompts, env_fn, starts, args, rows: int, model_dir
             train(preset, out=out, model_path=Path(model_dir), seed=0, progress=False, preset_name=args.preset, backend=backend)
             step = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if '"time/step_s"' in line][0]
             print(f"| {backend} | {step['time/rollout_s']:.1f} | {step['time/step_s']:.1f} | {step.get('update/rows', 0):.0f} |")
+
+
+def logprob_gap(policy, prompts, args, model_dir) -> None:
+    """vLLM's sampled log-probs against the trainer's recomputation, for a vLLM engine in float32
+    and in bfloat16, each against the HF model in float32 and in bfloat16 (bfloat16 is loaded
+    here even on a CPU without bfloat16 instructions, where torch emulates it: slow, but the
+    numbers are the ones a bfloat16 CPU gives up to kernel differences)."""
+    import numpy as np
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from agents.generation.vllm import VLLMBackend
+    from agents.policy import SharedPolicy
+
+    trainers = {
+        dtype: SharedPolicy(AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype)), policy.tokenizer, prompt_style=policy.prompt_style)
+        for dtype in ("float32", "bfloat16")
+    }
+    print(f"model: {model_dir}  prompts: {len(prompts)}  max_new_tokens: {args.max_new_tokens}  temperature: {args.temperature:g}")
+    print("\n| sampler | trainer | tokens | mean abs diff | max abs diff | first-epoch turn ratio: mean | min | max |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|")
+    for dtype in ("float32", "bfloat16"):
+        engine = VLLMBackend(model_dir, policy.stop_ids, dtype=dtype)  # kept alive: one dropped engine breaks the others
+        outputs = engine.generate(prompts, temperature=args.temperature, max_new_tokens=args.max_new_tokens, seed=0)
+        for name, trainer in trainers.items():
+            diffs = []
+            for i in range(0, len(prompts), 4):
+                batch = outputs[i : i + 4]
+                with torch.no_grad():
+                    recomputed = trainer.logprobs_of(prompts[i : i + 4], [ids for ids, _, _ in batch], temperature=args.temperature)
+                diffs += [lp.double().numpy() - np.asarray(lps) for lp, (_, lps, _) in zip(recomputed, batch) if len(lps)]
+            flat, ratios = np.abs(np.concatenate(diffs)), np.exp([d.mean() for d in diffs])
+            print(f"| vLLM {dtype} | HF {name} | {flat.size} | {flat.mean():.2e} | {flat.max():.2e} | {ratios.mean():.4f} | {ratios.min():.4f} | {ratios.max():.4f} |")
 
 
 def left_pad_prompts(policy, prompts):

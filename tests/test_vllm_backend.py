@@ -203,3 +203,16 @@ def test_bad_sampling_requests_fail_before_sampling(vllm_policy):
         backend.generate_continuous(prompts, broken, temperature=1.0, max_new_tokens=4, seed=0)
     assert not backend.engine.has_unfinished_requests()  # nothing left behind for the next call
     assert len(backend.generate(prompts, temperature=1.0, max_new_tokens=4, seed=0)) == 2
+
+
+def test_a_kv_cache_error_names_the_setting_and_the_size_needed(model_dir):
+    from agents.generation.vllm import _explain_load_error, kv_cache_bytes_per_token
+
+    # tiny model: 2 layers x 6 heads of 32, float32: 2 * 2 * 6 * 32 * 4 bytes per token
+    assert kv_cache_bytes_per_token(model_dir, "float32") == 3072
+    assert kv_cache_bytes_per_token(model_dir, "bfloat16") == 1536
+    error = _explain_load_error(
+        ValueError("To serve at least one request with the model's max seq len (8192), 0.5 GiB KV cache is needed"),
+        model_dir, 349_526, "float32",
+    )
+    assert "VLLM_CPU_KVCACHE_SPACE" in str(error) and "about 1.00 GiB" in str(error)

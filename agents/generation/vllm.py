@@ -83,7 +83,7 @@ class VLLMBackend:
         stop_ids: token ids that end a completion (the policy's ``stop_ids``).
         dtype: ``"float32"``, ``"bfloat16"``, ``"float16"`` or ``"auto"`` (vLLM's choice).
         max_model_len: longest prompt plus completion a request may have, in tokens.
-        kv_cache_gib: on CPUs, ``VLLM_CPU_KVCACHE_SPACE`` when it is not set already.
+        kv_cache_gib: on CPUs, ``VLLM_CPU_KVCACHE_SPACE`` (whole GiB) when it is not set already.
         seed: the engine's seed (for requests without a seed of their own).
         device: ``"cpu"`` or ``"cuda"``; only decides the defaults above, vLLM picks its platform.
         gpu_memory_utilization: share of GPU memory vLLM may take (CUDA only).
@@ -108,7 +108,7 @@ class VLLMBackend:
         *,
         dtype: str = "auto",
         max_model_len: int = 4096,
-        kv_cache_gib: float = 4.0,
+        kv_cache_gib: int = 4,
         seed: int = 0,
         device: str = "cpu",
         gpu_memory_utilization: float = 0.5,
@@ -127,7 +127,7 @@ class VLLMBackend:
         self.device = str(device)
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         if self.device == "cpu":
-            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", f"{kv_cache_gib:g}")
+            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(int(kv_cache_gib)))
         _hide_extensions_in_vllm_subprocess()
         from vllm import LLM
 
@@ -149,7 +149,7 @@ class VLLMBackend:
 
             self.llm.generate([TokensPrompt(prompt_token_ids=[self.stop_ids[0]])], self._params(0.0, 1.0, 1, None), use_tqdm=False)
         except Exception as error:  # noqa: BLE001 - vLLM raises many types; each is re-raised with its cause
-            raise _explain_load_error(error, directory, self.max_model_len) from error
+            raise _explain_load_error(error, directory, self.max_model_len, dtype) from error
         self.engine = self.llm.llm_engine
         self.weight_syncs = 0
 
@@ -303,13 +303,31 @@ class VLLMBackend:
         return f"VLLMBackend({str(self.model_dir)!r}, max_model_len={self.max_model_len})"
 
 
-def _explain_load_error(error: Exception, directory: Path, max_model_len: int) -> Exception:
+def kv_cache_bytes_per_token(directory: Path, dtype: str) -> int | None:
+    """Bytes of keys and values one token takes in the KV cache of the model in ``directory``
+    (``None`` when its config does not say enough)."""
+    import json
+
+    try:
+        config = json.loads((Path(directory) / "config.json").read_text())
+        layers, heads = int(config["num_hidden_layers"]), int(config["num_attention_heads"])
+        kv_heads = int(config.get("num_key_value_heads") or heads)
+        head_dim = int(config.get("head_dim") or int(config["hidden_size"]) // heads)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    width = {"float32": 4, "float": 4}.get(dtype if dtype != "auto" else str(config.get("torch_dtype", "")), 2)
+    return 2 * layers * kv_heads * head_dim * width
+
+
+def _explain_load_error(error: Exception, directory: Path, max_model_len: int, dtype: str = "auto") -> Exception:
     text = str(error)
     lowered = text.lower()
     if "kv cache" in lowered or "max seq len" in lowered or "max_model_len" in lowered:
+        per_token = kv_cache_bytes_per_token(directory, dtype)
+        need = f" (about {per_token * max_model_len / 2**30:.2f} GiB)" if per_token else ""
         return ValueError(
-            f"vLLM's KV cache cannot hold one request of max_model_len={max_model_len} tokens for {str(directory)!r}: "
-            f"raise VLLM_CPU_KVCACHE_SPACE (GiB; now {os.environ.get('VLLM_CPU_KVCACHE_SPACE', 'unset')}) on CPUs, "
+            f"vLLM's KV cache cannot hold one request of max_model_len={max_model_len} tokens{need} for {str(directory)!r}: "
+            f"raise VLLM_CPU_KVCACHE_SPACE (whole GiB; now {os.environ.get('VLLM_CPU_KVCACHE_SPACE', 'unset')}) on CPUs, "
             f"gpu_memory_utilization on GPUs, or lower max_model_len. vLLM said: {text.splitlines()[-1] if text else error!r}"
         )
     return ValueError(f"vLLM cannot serve the model in {str(directory)!r}: {type(error).__name__}: {text.splitlines()[-1] if text else ''}")
