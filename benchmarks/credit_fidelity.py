@@ -136,7 +136,7 @@ class LLMPolicy:
     restorable = True
 
     def __init__(self, path, env_fn, *, temperature: float = 1.0, max_new_tokens: int | None = None, dtype: str | None = None,
-                 max_batch: int | None = None, device: str = "cpu"):
+                 max_batch: int | None = None, device: str = "cpu", sampler: dict | None = None):
         import json as _json
 
         from agents.generation.rollout import RolloutEngine
@@ -151,6 +151,15 @@ class LLMPolicy:
         style = recorded.get("prompt_style") or recorded.get("model", {}).get("prompt_style") or "compact"
         self.max_new_tokens = int(max_new_tokens or recorded.get("max_new_tokens") or 256)
         self.policy = SharedPolicy.from_pretrained(path, device=device, dtype=dtype, prompt_style=style)
+        if sampler is not None and sampler["choice"] != "hf":
+            # One vLLM engine for the whole run (one per process), given each checkpoint's weights.
+            if sampler.get("backend") is None:
+                from agents.policy.backends import choose_backend
+
+                sampler["backend"] = choose_backend(self.policy, sampler["choice"], path, device=device)
+            if sampler["backend"] is not self.policy.backend and hasattr(sampler["backend"], "load_weights"):
+                self.policy.backend = sampler["backend"]
+                self.policy.sync_backend()
         self.engine = RolloutEngine(self.policy, env_fn, temperature=temperature, max_new_tokens=self.max_new_tokens,
                                     max_batch=max_batch, progress=False)
         self.name = f"checkpoint:{path}"
@@ -663,7 +672,7 @@ def make_policy(key: float | str, horizon: int, tasks: int, seed: int, llm: dict
         return ScriptedPolicy(key)
     seeds = task_seeds_for(seed, tasks)
     return LLMPolicy(llm["checkpoints"][key], lambda: make_env(horizon, seeds), temperature=llm["temperature"],
-                     max_new_tokens=llm["max_new_tokens"], dtype=llm["dtype"], max_batch=llm["max_batch"])
+                     max_new_tokens=llm["max_new_tokens"], dtype=llm["dtype"], max_batch=llm["max_batch"], sampler=llm.get("sampler"))
 
 
 def run_cell(out: Path, horizon: int, key: float | str, tasks: int, settings: Settings, seed: int, progress: bool = True,
@@ -680,7 +689,8 @@ def run_cell(out: Path, horizon: int, key: float | str, tasks: int, settings: Se
         stamp = {**asdict(settings), "noise": key, "seed": seed}
     else:
         stamp = {**asdict(settings), "checkpoint": str(llm["checkpoints"][key]), "seed": seed,
-                 **{k: llm[k] for k in ("temperature", "max_new_tokens", "dtype")}}
+                 **{k: llm[k] for k in ("temperature", "max_new_tokens", "dtype")},
+                 **({"backend": llm["sampler"]["choice"]} if llm.get("sampler", {}).get("choice", "hf") != "hf" else {})}
     policy = None  # built on first need: a finished cell loads no model
     for t in tqdm(range(tasks), desc=cell.name, disable=not progress):
         path = cell / f"task-{t}.json"
@@ -797,12 +807,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-new-tokens", type=int, default=None, help="token limit of --checkpoint policies (default: as trained)")
     p.add_argument("--dtype", default=None, help="dtype of --checkpoint policies (auto, float32, bfloat16)")
     p.add_argument("--rollout-batch", type=int, default=None, help="most rows decoded at once by --checkpoint policies")
+    p.add_argument("--backend", choices=("hf", "vllm"), default="hf",
+                   help="sampler of --checkpoint policies (vllm: one in-process engine for the run; part of each record's settings)")
     p.add_argument("--report", action="store_true", help="only summarise the records on disk")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
 
     llm = {"checkpoints": {}, "temperature": args.temperature, "max_new_tokens": args.max_new_tokens, "dtype": args.dtype,
-           "max_batch": args.rollout_batch}
+           "max_batch": args.rollout_batch, "sampler": {"choice": args.backend, "backend": None}}
     try:
         for item in args.checkpoint:
             label, sep, path = item.partition("=")

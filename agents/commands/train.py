@@ -17,7 +17,7 @@ Layout of ``--out``::
     checkpoints/checkpoint-<step>/   the latest step (model, optimizer, trainer state, RNGs)
     stage<i>-best/         the best validation checkpoint of stage i
     final/                 the policy after the curriculum (best of the last stage)
-    results.json           validation per stage and the test evaluation
+    results.json           validation per stage, the test evaluation and the rollout backend used
     curves.png             learning curves
 """
 
@@ -332,7 +332,7 @@ def _curriculum(preset, *, out, algo, seed, device, progress, policy, state, opt
     logger.log(state["global_step"], {f"test/{k}": v for k, v in test.items() if k != "f1_per_task"})
     logger.close()
     results = {"settings": settings, "validation": state["validation"], "test": test, "generated_tokens": state["generated_tokens"],
-               "elapsed_s": clock()}
+               "elapsed_s": clock(), "backend": "vllm" if sampler and sampler["choice"] != "hf" else "hf"}
     (out / "results.json").write_text(json.dumps(results, indent=2))
     plot_curves(out / "metrics.jsonl", out / "curves.png", keys=["global/f1", "local/f1", "val/f1", "update/loss", "global/memory_size", "parse_error_rate"])
     return results
