@@ -152,14 +152,14 @@ def test_checkpoint_agent_acts_greedily(tmp_path):
     model_dir = _tiny_checkpoint(tmp_path / "ckpt")
     out = tmp_path / "eval"
     # two episodes in lockstep: one batched generate call per step for both
-    argv = ["--agent", f"checkpoint:{model_dir}", "--episodes", "2", "--horizon", "1", "--max-new-tokens", "6", "--device", "cpu"]
+    argv = ["--agent", f"checkpoint:{model_dir}", "--episodes", "2", "--horizon", "1", "--max-new-tokens", "6", "--device", "cpu", "--backend", "hf"]
     assert _eval(*argv, "--out", str(out)) == 0
     res, md = _results(out)
     assert res["config"]["agent"] == f"checkpoint:{model_dir}"
     assert [e["conv_id"] for e in res["episodes"]] == ["syn-0-0", "syn-0-1"]
     # a random model writes no valid JSON: every action is an unparsable no-op, never a crash
     assert res["summary"]["ops"]["parse_errors"] > 0 and res["summary"]["memory_size"] == 0
-    assert res["config"]["policy"] == {"prompt_style": "compact", "max_new_tokens": 6, "dtype": "float32"}
+    assert res["config"]["policy"] == {"prompt_style": "compact", "max_new_tokens": 6, "dtype": "float32", "backend": "hf"}
 
 
 def _tiny_checkpoint(directory: Path) -> Path:
@@ -175,12 +175,12 @@ def test_checkpoint_agent_decodes_as_its_trainer_recorded(tmp_path):
     pytest.importorskip("transformers")
     model_dir = _tiny_checkpoint(tmp_path / "ckpt")
     (model_dir / "trainer_state.json").write_text(json.dumps({"stage": 1, "prompt_style": "full", "max_new_tokens": 5}))
-    argv = ["--agent", f"checkpoint:{model_dir}", "--episodes", "1", "--horizon", "1", "--device", "cpu"]
+    argv = ["--agent", f"checkpoint:{model_dir}", "--episodes", "1", "--horizon", "1", "--device", "cpu", "--backend", "hf"]
     assert _eval(*argv, "--out", str(tmp_path / "a")) == 0
-    assert _results(tmp_path / "a")[0]["config"]["policy"] == {"prompt_style": "full", "max_new_tokens": 5, "dtype": "float32"}
+    assert _results(tmp_path / "a")[0]["config"]["policy"] == {"prompt_style": "full", "max_new_tokens": 5, "dtype": "float32", "backend": "hf"}
     # the command line wins
     assert _eval(*argv, "--max-new-tokens", "7", "--prompt-style", "compact", "--out", str(tmp_path / "b")) == 0
-    assert _results(tmp_path / "b")[0]["config"]["policy"] == {"prompt_style": "compact", "max_new_tokens": 7, "dtype": "float32"}
+    assert _results(tmp_path / "b")[0]["config"]["policy"] == {"prompt_style": "compact", "max_new_tokens": 7, "dtype": "float32", "backend": "hf"}
 
 
 def test_checkpoint_settings_fall_back_and_follow_the_saved_dtype(tmp_path):

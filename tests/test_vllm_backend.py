@@ -216,3 +216,21 @@ def test_a_kv_cache_error_names_the_setting_and_the_size_needed(model_dir):
         model_dir, 349_526, "float32",
     )
     assert "VLLM_CPU_KVCACHE_SPACE" in str(error) and "about 1.00 GiB" in str(error)
+
+
+@needs_vllm
+def test_memr2_eval_samples_with_vllm_when_asked(model_dir, tmp_path):
+    """In a process of its own: vLLM allows one engine per process (see ``vllm_policy``)."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    out = tmp_path / "eval"
+    cmd = [sys.executable, "-m", "agents.cli", "eval", "--no-progress", "--agent", f"checkpoint:{model_dir}", "--backend", "vllm",
+           "--episodes", "1", "--horizon", "1", "--max-new-tokens", "6", "--device", "cpu", "--out", str(out)]
+    done = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).parents[1], timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "backend: vllm (float32" in done.stderr
+    results = json.loads((out / "results.json").read_text())
+    assert results["config"]["policy"]["backend"] == "vllm"

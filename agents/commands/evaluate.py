@@ -197,11 +197,13 @@ class PolicyAgent:
         return self.act_batch([observation], [info])[0]
 
     def settings(self) -> dict[str, Any]:
-        """How it decodes: prompt style, ``max_new_tokens`` and dtype (for ``results.json``)."""
+        """How it decodes: prompt style, ``max_new_tokens``, dtype and the sampling backend
+        (``hf`` or ``vllm``; for ``results.json``)."""
         return {
             "prompt_style": self.policy.prompt_style,
             "max_new_tokens": self.max_new_tokens,
             "dtype": dtype_name(self.policy.model.dtype),
+            "backend": "vllm" if hasattr(self.policy.backend, "load_weights") else "hf",
         }
 
 
