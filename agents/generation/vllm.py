@@ -147,7 +147,7 @@ class VLLMBackend:
             # head sizes such as the tiny model's 24): one token now, so that "auto" can fall back.
             from vllm.inputs import TokensPrompt
 
-            self.llm.generate([TokensPrompt(prompt_token_ids=[self.stop_ids[0]])], self._params(0.0, 1.0, 1, None), use_tqdm=False)
+            self.llm.generate([TokensPrompt(prompt_token_ids=[self.stop_ids[0]])], self._params(0.0, 1, None), use_tqdm=False)
         except Exception as error:  # noqa: BLE001 - vLLM raises many types; each is re-raised with its cause
             raise _explain_load_error(error, directory, self.max_model_len, dtype) from error
         self.engine = self.llm.llm_engine
@@ -155,7 +155,8 @@ class VLLMBackend:
 
     # ------------------------------------------------------------------------------ sampling
 
-    def _params(self, temperature: float, top_p: float, max_new_tokens: int, seed: int | None):
+    def _params(self, temperature: float, max_new_tokens: int, seed: int | None):
+        """Plain temperature sampling (top-p 1, no top-k, min-p or penalties), our stop ids."""
         from vllm import SamplingParams
 
         return SamplingParams(
@@ -202,7 +203,7 @@ class VLLMBackend:
         from vllm.inputs import TokensPrompt
 
         params = [
-            self._params(temperature, top_p, max_new_tokens, None if seed is None else derive_seed(seed, i))
+            self._params(temperature, max_new_tokens, None if seed is None else derive_seed(seed, i))
             for i in range(len(prompt_ids))
         ]
         outputs = self.llm.generate(
@@ -255,7 +256,7 @@ class VLLMBackend:
                 self._check_length(prompt, max_new_tokens)
                 request_id = f"memr2-{run}-{slot}-{turns[slot]}"
                 s = slot_seeds[slot]
-                params = self._params(temperature, top_p, max_new_tokens, None if s is None else derive_seed(s, turns[slot]))
+                params = self._params(temperature, max_new_tokens, None if s is None else derive_seed(s, turns[slot]))
                 self.engine.add_request(request_id, TokensPrompt(prompt_token_ids=prompt), params)
                 owner[request_id] = slot
 
