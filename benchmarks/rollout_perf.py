@@ -414,6 +414,7 @@ def compare_backends(policy, prompts, env_fn, starts, args, rows: int, model_dir
     import numpy as np
     import torch
 
+    from agents.generation.interface import left_pad
     from agents.generation.rollout import RolloutEngine
     from agents.generation.vllm import VLLMBackend
     from agents.policy import SharedPolicy
@@ -452,7 +453,7 @@ def compare_backends(policy, prompts, env_fn, starts, args, rows: int, model_dir
     def ceiling():
         start, tokens = clock(), []
         for i in range(0, len(prompts), rows):
-            ids, mask = left_pad_prompts(policy, prompts[i : i + rows])
+            ids, mask = left_pad(prompts[i : i + rows], policy.pad_id, policy.model.device)
             with torch.no_grad():
                 out = policy.model.generate(
                     input_ids=ids, attention_mask=mask, do_sample=True, temperature=max(temperature, 1e-5), top_k=0,
@@ -573,12 +574,6 @@ def logprob_gap(policy, prompts, args, model_dir) -> None:
                 diffs += [lp.double().numpy() - np.asarray(lps) for lp, (_, lps, _) in zip(recomputed, batch) if len(lps)]
             flat, ratios = np.abs(np.concatenate(diffs)), np.exp([d.mean() for d in diffs])
             print(f"| vLLM {dtype} | HF {name} | {flat.size} | {flat.mean():.2e} | {flat.max():.2e} | {ratios.mean():.4f} | {ratios.min():.4f} | {ratios.max():.4f} |")
-
-
-def left_pad_prompts(policy, prompts):
-    from agents.generation.interface import left_pad
-
-    return left_pad(prompts, policy.pad_id, policy.model.device)
 
 
 if __name__ == "__main__":

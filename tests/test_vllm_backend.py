@@ -13,7 +13,8 @@ import pytest
 
 import memenv  # noqa: F401  (registers MemSession-v0)
 from agents.generation.rollout import RolloutEngine, Start
-from agents.generation.vllm import VLLM_INSTALL, derive_seed, vllm_available
+from agents.generation.rollout import rollout_seed
+from agents.generation.vllm import VLLM_INSTALL, vllm_available
 from agents.policy.backends import choose_backend
 from memenv.data.synthetic import SyntheticConfig
 
@@ -67,9 +68,9 @@ def _ids(outputs):
 
 
 def test_derived_seeds_are_stable_and_distinct():
-    assert derive_seed(3, 0) == derive_seed(3, 0)
-    assert len({derive_seed(3, i) for i in range(100)} | {derive_seed(4, 0)}) == 101
-    assert 0 <= derive_seed(2**70, -1) < 2**63
+    assert rollout_seed(3, 0) == rollout_seed(3, 0)
+    assert len({rollout_seed(3, i) for i in range(100)} | {rollout_seed(4, 0)}) == 101
+    assert 0 <= rollout_seed(2**70, -1) < 2**63
 
 
 def test_vllm_missing_is_a_named_error_and_auto_falls_back(policy, model_dir, monkeypatch):

