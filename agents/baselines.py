@@ -177,9 +177,13 @@ class NoisyTeacher(OracleAgent):
     def _rng(self, dia_id: str, role: int) -> np.random.Generator:
         return np.random.default_rng([self.seed, zlib.crc32(dia_id.encode()), role])
 
+    def keeps(self, dia_id: str) -> bool:
+        """Whether the extractor keeps the fact of turn ``dia_id`` (it misses it with probability
+        ``noise``). A single-agent teacher, which reads the raw turns, can apply the same mistake."""
+        return bool(self._rng(dia_id, EXTRACTOR).random() >= self.noise)
+
     def extract(self, gold_facts: list[dict]) -> list[dict]:
-        kept = [g for g in gold_facts if self._rng(g["dia_id"], EXTRACTOR).random() >= self.noise]
-        return super().extract(kept)
+        return super().extract([g for g in gold_facts if self.keeps(g["dia_id"])])
 
     def manage(self, facts: list[dict], gold: dict) -> list[dict]:
         clean = super().manage(facts, gold)

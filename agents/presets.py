@@ -15,7 +15,7 @@ from dataclasses import dataclass, fields, replace
 
 from agents.rl.curriculum import Stage, parse_stages
 
-__all__ = ["TrainPreset", "PRESETS", "task_seeds", "make_env_fn", "without_curriculum", "override_preset", "add_set_argument",
+__all__ = ["TrainPreset", "PRESETS", "task_seeds", "env_kwargs", "make_env_fn", "without_curriculum", "override_preset", "add_set_argument",
            "preset_from_args"]
 
 
@@ -204,21 +204,29 @@ def task_seeds(seed: int, preset: TrainPreset) -> dict[str, list[int]]:
     }
 
 
-def make_env_fn(preset: TrainPreset, horizon: int, task_seeds: list[int]):
-    """A factory of training/evaluation envs over the given synthetic tasks."""
-    import gymnasium as gym
-
-    import memenv  # noqa: F401  (registers MemSession-v0)
+def env_kwargs(preset: TrainPreset, horizon: int, task_seeds: list[int]) -> dict:
+    """The ``MemSession-v0`` arguments of :func:`make_env_fn`: the preset's synthetic conversations
+    (turns per session), its slices per session and final-mode scoring, over ``task_seeds``.
+    ``agents.trl_adapter.MemoryToolEnv(**env_kwargs(...))`` plays the same tasks through tools."""
     from memenv.data.synthetic import SyntheticConfig
 
     cfg = SyntheticConfig()
     if preset.turns_per_session:
         cfg = replace(cfg, turns_per_session=preset.turns_per_session)
+    return {"horizon": horizon, "task_seeds": list(task_seeds), "synthetic_config": cfg, "reward_mode": "final",
+            "slices_per_session": preset.slices_per_session}
+
+
+def make_env_fn(preset: TrainPreset, horizon: int, task_seeds: list[int], **extra):
+    """A factory of training/evaluation envs over the given synthetic tasks (:func:`env_kwargs`;
+    ``extra`` are further ``MemSession-v0`` arguments, e.g. ``single_agent=True``)."""
+    import gymnasium as gym
+
+    import memenv  # noqa: F401  (registers MemSession-v0)
+
+    kwargs = {**env_kwargs(preset, horizon, task_seeds), **extra}
 
     def env_fn():
-        return gym.make(
-            "MemSession-v0", horizon=horizon, task_seeds=task_seeds, synthetic_config=cfg,
-            reward_mode="final", slices_per_session=preset.slices_per_session,
-        )
+        return gym.make("MemSession-v0", **kwargs)
 
     return env_fn

@@ -92,9 +92,11 @@ TOOL_CHAT_TEMPLATE = (
         {%- if loop.last or rest[loop.index0 + 1]['role'] != 'tool' -%}
             {{- '<|im_end|>\n' -}}
         {%- endif -%}
-    {%- else -%}
-        {{- '<|im_start|>' + role + '\n' + (message['content'] or '') -}}
-        {%- if role == 'assistant' and message['tool_calls'] is defined and message['tool_calls'] -%}
+    {%- elif role == 'assistant' -%}
+        {{- '<|im_start|>assistant\n' -}}
+        {%- generation -%}
+        {{- message['content'] or '' -}}
+        {%- if message['tool_calls'] is defined and message['tool_calls'] -%}
             {%- for call in message['tool_calls'] -%}
                 {%- set fn = call['function'] if call['function'] is defined else call -%}
                 {%- if message['content'] or not loop.first -%}{{- '\n' -}}{%- endif -%}
@@ -103,7 +105,11 @@ TOOL_CHAT_TEMPLATE = (
                 {{- '}\n</tool_call>' -}}
             {%- endfor -%}
         {%- endif -%}
-        {{- '<|im_end|>\n' -}}
+        {{- '<|im_end|>' -}}
+        {%- endgeneration -%}
+        {{- '\n' -}}
+    {%- else -%}
+        {{- '<|im_start|>' + role + '\n' + (message['content'] or '') + '<|im_end|>\n' -}}
     {%- endif -%}
 {%- endfor -%}
 {%- if add_generation_prompt -%}

@@ -12,6 +12,13 @@ with its own bootstrap CI, which is what "RL improved on the warm start" has to 
         --checkpoint warm=runs/small-logo-grpo-s0/warm_start --checkpoint rl=runs/small-logo-grpo-s0/final \\
         --out runs/held-out-small
 
+``--tool-checkpoint NAME=DIR`` adds a chat model trained through TRL (``examples/trl_sft.py``,
+``examples/trl_grpo.py``). It plays the same conversations in the same env with the manager reading
+the raw turns (``single_agent=True``, the env ``MemoryToolEnv`` wraps), writing tool calls, decoded
+greedily by ``agents.trl_play``; its F1 is scored on the final memory exactly as the others', so
+its paired differences are computed like theirs. Its "parse errors" are the replies written before
+the conversation was over that did not parse into a tool call.
+
 Writes ``held_out.json`` and ``held_out.md`` under ``--out``. Agents evaluated in separate calls
 on the same conversations (say one RL seed per call) merge into one report, with paired
 differences and the difference of the seeds' mean, by
@@ -50,6 +57,9 @@ def main() -> None:
     parser.add_argument("--episodes", type=int, default=16, help="held-out conversations (at most the preset's n_test)")
     parser.add_argument("--horizon", type=int, default=8)
     parser.add_argument("--checkpoint", action="append", default=[], metavar="NAME=DIR", help="a SharedPolicy directory (repeatable)")
+    parser.add_argument("--tool-checkpoint", action="append", default=[], metavar="NAME=DIR",
+                        help="a tool-calling chat model trained through TRL (examples/trl_sft.py, examples/trl_grpo.py), played "
+                             "through MemoryToolEnv's tools on the same conversations (repeatable; after the --checkpoint ones)")
     parser.add_argument("--dtype", default=None, help="dtype of the checkpoints (default: the preset's)")
     parser.add_argument("--max-new-tokens", type=int, default=None, help="most tokens per action (default: the preset's)")
     parser.add_argument("--device", default="cpu", help="torch device of the checkpoints (cpu, cuda)")
@@ -66,7 +76,7 @@ def main() -> None:
         combine(args.combine, args.out, groups, pool=args.pool)
         return
 
-    names = [spec.partition("=")[0] for spec in args.checkpoint]
+    names = [spec.partition("=")[0] for spec in args.checkpoint + args.tool_checkpoint]
     check_groups(groups, names)  # before hours of evaluation
     preset = PRESETS[args.preset]
     max_new_tokens = args.max_new_tokens or preset.max_new_tokens
@@ -85,6 +95,18 @@ def main() -> None:
         rows[name] = validate(policy, env_fn, tasks, max_new_tokens=max_new_tokens, per_task=True, max_batch=preset.rollout_batch)
         rows[name]["wall_s"] = time.perf_counter() - t
         print(f"{name}: F1 {rows[name]['f1']:.3f} ({rows[name]['wall_s']:.0f} s)", flush=True)
+    if args.tool_checkpoint:
+        from agents.trl_play import load_tool_model, tool_final_score
+
+        tool_env_fn = make_env_fn(preset, args.horizon, seeds, single_agent=True)  # the same tasks, the manager reads raw turns
+    for spec in args.tool_checkpoint:
+        name, _, path = spec.partition("=")
+        model, tokenizer = load_tool_model(path, dtype=args.dtype or "float32", device=args.device)
+        t = time.perf_counter()
+        rows[name] = tool_final_score(model, tokenizer, tool_env_fn, tasks, max_new_tokens=max_new_tokens)
+        rows[name]["wall_s"] = time.perf_counter() - t
+        print(f"{name}: F1 {rows[name]['f1']:.3f}, replies with a tool call {rows[name]['reply_parse_rate']:.1%} "
+              f"({rows[name]['wall_s']:.0f} s)", flush=True)
 
     meta = {"preset": args.preset, "seed": args.seed, "episodes": args.episodes, "horizon": args.horizon,
             "slices": preset.slices_per_session, "max_new_tokens": max_new_tokens}

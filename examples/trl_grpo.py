@@ -2,14 +2,24 @@
 
 The model keeps the memory through four tools (``add_memory``, ``update_memory``,
 ``delete_memory``, ``next_turns``) of :class:`agents.trl_adapter.MemoryToolEnv`; the reward is the
-env's episode return. Each dataset row names its task by ``seed``, so the ``num_generations``
-rollouts of a row all face the same conversation, as GRPO needs.
+env's episode return. Each dataset row names its task (a ``seed``, or with ``--preset`` a task of
+that preset's training conversations), so the ``num_generations`` rollouts of a row all face the
+same conversation, as GRPO needs.
 
-    # SmolLM2-135M-Instruct on a CPU: its own chat template has no tool calling, so use the
-    # project's (agents/trl_template.py); --start-with-tool-call opens every reply with a call;
-    # --threads 1 on a machine whose cores are shared with other jobs
-    python examples/trl_grpo.py --model "$(memr2 models path smollm2-135m-instruct)" \\
-        --tool-template --start-with-tool-call --threads 1 --horizon 2 --rows 8 --num-generations 2 \\
+    # SmolLM2-135M-Instruct on a CPU, the route that learns: a warm start on the noisy teacher's
+    # tool calls with TRL's SFTTrainer (examples/trl_sft.py, about 20 minutes), then GRPO on the
+    # small preset's conversations (about an hour; docs/third_party.md has the run)
+    python examples/trl_sft.py --model "$(memr2 models path smollm2-135m-instruct)" --output-dir runs/trl_sft
+    python examples/trl_grpo.py --model runs/trl_sft --preset small --horizon 2 --rows 16 \
+        --num-generations 4 --micro-batch 1 --max-steps 15 --max-completion-length 2048 --max-tool-calls 16 \
+        --temperature 1.0 --learning-rate 2e-5 --seed 0 --output-dir runs/trl_grpo
+
+    # SmolLM2 without a warm start: its own chat template has no tool calling, so use the
+    # project's (agents/trl_template.py; a warm start saves it with the model); --start-with-tool-call
+    # opens every reply with a call; --threads 1 on a machine whose cores are shared with other jobs.
+    # Its rewards hardly ever vary (docs/third_party.md)
+    python examples/trl_grpo.py --model "$(memr2 models path smollm2-135m-instruct)" \
+        --tool-template --start-with-tool-call --threads 1 --horizon 2 --rows 8 --num-generations 2 \
         --max-steps 30 --max-completion-length 64 --max-tool-calls 3 --temperature 0.7 --learning-rate 1e-5
 
     # a model whose template supports tool calling (Qwen3, Llama 3.1...), on a GPU
@@ -22,7 +32,9 @@ The device and precision follow the machine (``--dtype auto``: bfloat16 mixed pr
 with bfloat16 instructions or a GPU that supports it, else float32; weights stay float32; see
 ``agents.trl_template.precision_settings``). Each step prints one line (reward, share of replies
 with a parsed tool call, tool calls and errors, env operations) and appends it to
-``OUTPUT_DIR/steps.jsonl``; at the end the totals go to ``OUTPUT_DIR/summary.json``.
+``OUTPUT_DIR/steps.jsonl``; at the end the totals and the reward's trend (least-squares slope per
+step with a bootstrap CI) go to ``OUTPUT_DIR/summary.json`` and the curves to
+``OUTPUT_DIR/curve.png`` (``--plot OUTPUT_DIR`` redraws them from ``steps.jsonl``).
 
 Nothing is downloaded: ``--model`` must be a local directory, and the Hugging Face hub is put in
 offline mode before TRL is imported.
@@ -87,34 +99,44 @@ def build_trainer(args: argparse.Namespace, *, reward_funcs=(reply_stats,), rows
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if not Path(args.model).is_dir():
         raise SystemExit(f"--model must be a local model directory (no downloads): {args.model}")
+    from agents.trl_sft import require_trl
+
     try:
+        require_trl()  # environment_factory: TRL >= 1.16
         from datasets import Dataset
         from transformers import AutoTokenizer
         from trl import GRPOConfig, GRPOTrainer
-    except ImportError:
-        raise SystemExit("this example needs TRL: pip install 'memory-r2[trl]'") from None
+    except ImportError as err:
+        raise SystemExit(f"this example needs TRL: {err}") from None
     # TRL turns checkpointing on by default; recent transformers name the field activation_checkpointing
     checkpointing = "activation_checkpointing" if "activation_checkpointing" in GRPOConfig.__dataclass_fields__ else "gradient_checkpointing"
-    from agents.trl_template import apply_tool_template, precision_settings, with_tool_template_hint
+    from agents.trl_template import TOOL_CHAT_TEMPLATE, apply_tool_template, precision_settings, with_tool_template_hint
 
     if args.threads:
         import torch
 
         torch.set_num_threads(args.threads)
     tokenizer = AutoTokenizer.from_pretrained(args.model)
-    if args.tool_template:
-        apply_tool_template(tokenizer)
-        print("chat template: the project's ChatML tool-calling template (agents/trl_template.py) replaces the model's")
+    if args.tool_template or tokenizer.chat_template == TOOL_CHAT_TEMPLATE:
+        saved = tokenizer.chat_template == TOOL_CHAT_TEMPLATE  # a warm start of examples/trl_sft.py saves it
+        apply_tool_template(tokenizer)  # (again: the response parser is not saved with the tokenizer)
+        print("chat template: the project's ChatML tool-calling template (agents/trl_template.py)"
+              + (", saved with the model" if saved else " replaces the model's"))
     precision = precision_settings(args.dtype, args.device)
     print(f"device {'cpu' if precision['use_cpu'] else 'cuda'}, weights float32, bf16 mixed precision {'on' if precision['bf16'] else 'off'}")
 
+    preset_kwargs = preset_env_kwargs(args)
+    micro = args.micro_batch or args.num_generations
+    if args.num_generations % micro:
+        raise SystemExit(f"--micro-batch {micro} must divide --num-generations {args.num_generations}")
     if rows is None:
-        rows = [{"seed": i} for i in range(args.rows)]
+        rows = [{"task": i} if preset_kwargs else {"seed": i} for i in range(args.rows)]
     dataset = Dataset.from_list([{"prompt": [{"role": "user", "content": DEFAULT_PROMPT}], **row} for row in rows])
     config = GRPOConfig(
         output_dir=args.output_dir,
         num_generations=args.num_generations,
-        per_device_train_batch_size=args.num_generations,
+        per_device_train_batch_size=micro,
+        gradient_accumulation_steps=args.num_generations // micro,  # one group per optimizer step
         max_completion_length=args.max_completion_length,
         max_tool_calling_iterations=args.max_tool_calls,
         max_steps=args.max_steps,
@@ -132,7 +154,7 @@ def build_trainer(args: argparse.Namespace, *, reward_funcs=(reply_stats,), rows
     envs: list[MemoryToolEnv] = []
 
     def make_env() -> MemoryToolEnv:  # TRL calls it with no arguments; keep each env for the summary
-        env = MemoryToolEnv(**{"horizon": args.horizon, "max_questions": args.max_questions, **(env_kwargs or {})})
+        env = MemoryToolEnv(**{"horizon": args.horizon, "max_questions": args.max_questions, **preset_kwargs, **(env_kwargs or {})})
         envs.append(env)
         return env
 
@@ -152,6 +174,24 @@ def build_trainer(args: argparse.Namespace, *, reward_funcs=(reply_stats,), rows
         raise hinted from err
     trainer.add_callback(make_step_log(envs, Path(args.output_dir) / "steps.jsonl"))
     return trainer, envs
+
+
+def preset_env_kwargs(args: argparse.Namespace) -> dict:
+    """With ``--preset``: the ``MemSession-v0`` arguments ``memr2 train`` uses for that preset (its
+    training conversations, turns and slices per session, final-mode scoring; see
+    ``agents.presets.env_kwargs``) at ``--horizon``, with the preset's ``max_questions`` unless
+    ``--max-questions`` is given. Without it: ``{}`` (the env's own defaults)."""
+    if args.preset is None:
+        return {}
+    from agents.presets import PRESETS, env_kwargs, task_seeds
+
+    preset = PRESETS[args.preset]
+    seeds = task_seeds(args.seed_conversations, preset)["train"]
+    if args.rows > len(seeds):
+        raise SystemExit(f"--rows {args.rows}: preset {args.preset} has {len(seeds)} training conversations")
+    kwargs = env_kwargs(preset, args.horizon, seeds)
+    kwargs["max_questions"] = args.max_questions if args.max_questions is not None else preset.max_questions
+    return kwargs
 
 
 # TRL's log key -> our name, for each step's record
@@ -234,6 +274,55 @@ def summarize(trainer, envs: list[MemoryToolEnv], wall_s: float) -> dict:
             **episode_totals([h for env in envs for h in env.history])}
 
 
+def reward_trend(steps: list[dict]) -> dict:
+    """The least-squares slope of the mean reward against the step, with a 95% bootstrap CI over
+    steps, and the mean reward of the first and the second half of the run."""
+    import numpy as np
+
+    x = np.array([s["step"] for s in steps], float)
+    y = np.array([s["reward"] for s in steps], float)
+    if len(x) < 3:
+        return {"steps": len(x)}
+    rng = np.random.default_rng(0)
+    slopes = []
+    for _ in range(2000):
+        i = rng.integers(len(x), size=len(x))
+        if np.ptp(x[i]) > 0:
+            slopes.append(np.polyfit(x[i], y[i], 1)[0])
+    half = len(y) // 2
+    return {"steps": len(x), "slope_per_step": float(np.polyfit(x, y, 1)[0]),
+            "slope_ci95": [float(np.percentile(slopes, 2.5)), float(np.percentile(slopes, 97.5))],
+            "first_half_reward": float(y[:half].mean()), "second_half_reward": float(y[half:].mean()),
+            "steps_with_reward_std": int(sum(s.get("reward_std", 0) > 0 for s in steps))}
+
+
+def plot_steps(steps: list[dict], path: Path) -> None:
+    """``curve.png`` from the run's per-step records: the episode returns of each step's group (dots),
+    their mean with the least-squares trend, the group's reward std, and the share of replies with a
+    parsed tool call."""
+    import numpy as np
+    from matplotlib.figure import Figure  # no pyplot: renders with Agg, no global state
+
+    x = np.array([s["step"] for s in steps])
+    fig = Figure(figsize=(10, 3.4))
+    ax, ax_std, ax_calls = fig.subplots(1, 3)
+    for s in steps:
+        ax.scatter([s["step"]] * len(s["episode_rewards"]), s["episode_rewards"], s=9, color="0.6")
+    y = np.array([s["reward"] for s in steps])
+    ax.plot(x, y, "o-", color="C0", label="group mean")
+    if len(x) >= 2:
+        slope, icept = np.polyfit(x, y, 1)
+        ax.plot(x, icept + slope * x, "--", color="C3", label=f"trend {slope:+.4f}/step")
+    ax.set(xlabel="step", ylabel="episode return", title="reward")
+    ax.legend(fontsize=8)
+    ax_std.bar(x, [s.get("reward_std", 0) for s in steps], color="C1")
+    ax_std.set(xlabel="step", title="reward std in the group")
+    ax_calls.plot(x, [s.get("replies_with_tool_call", np.nan) for s in steps], "o-", color="C2")
+    ax_calls.set(xlabel="step", ylim=(0, 1.05), title="replies with a parsed tool call")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
 def train(args: argparse.Namespace) -> dict:
     try:
         trainer, envs = build_trainer(args)
@@ -253,7 +342,10 @@ def train(args: argparse.Namespace) -> dict:
     )
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    summary["trend"] = reward_trend(summary["steps"])
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    if summary["steps"]:
+        plot_steps(summary["steps"], out / "curve.png")
     if args.save:
         trainer.save_model(args.output_dir)
     return summary
@@ -263,6 +355,8 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", help="local directory of a chat model")
     p.add_argument("--dry-run", action="store_true", help="play scripted rollouts through the adapter; no TRL needed")
+    p.add_argument("--plot", type=Path, default=None, metavar="DIR",
+                   help="draw DIR/curve.png from a run's DIR/steps.jsonl and print its reward trend (also done after training)")
     p.add_argument("--tool-template", action="store_true",
                    help="replace the model's chat template with the project's ChatML tool-calling one (for SmolLM2 and "
                         "other ChatML models whose template has no tool calling)")
@@ -277,9 +371,18 @@ def parser() -> argparse.ArgumentParser:
                    help="torch CPU threads (default: torch's). On a CPU shared with other jobs use 1: with 2 threads on a "
                         "busy 2-core machine, generation was 5-10x slower than with 1")
     p.add_argument("--horizon", type=int, default=4, help="sessions per episode")
+    p.add_argument("--preset", default=None,
+                   help="play a memr2 preset's training conversations in its env settings (e.g. small: turns and slices "
+                        "per session, final-mode reward, max_questions); rows are its tasks 0..ROWS-1. Default: the env's own "
+                        "settings, rows are reset seeds")
+    p.add_argument("--seed-conversations", type=int, default=0, help="with --preset: the run seed whose conversations are drawn")
     p.add_argument("--max-questions", type=int, default=None, help="questions scored per session (default: all)")
     p.add_argument("--rows", type=int, default=64, help="dataset rows (tasks); 3 in a dry run")
     p.add_argument("--num-generations", type=int, default=4)
+    p.add_argument("--micro-batch", type=int, default=None,
+                   help="rollouts per forward/backward pass (default: --num-generations, the whole group); the optimizer "
+                        "still steps once per group. Lower it for long episodes: without checkpointing, 4 rollouts of 2k "
+                        "tokens held about 24 GB of activations")
     p.add_argument("--max-completion-length", type=int, default=2048)
     p.add_argument("--max-tool-calls", type=int, default=128, help="tool-calling rounds per rollout")
     p.add_argument("--max-steps", type=int, default=50)
@@ -300,12 +403,16 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     if args.start_with_tool_call and not args.tool_template:
         ap.error("--start-with-tool-call needs --tool-template (it is a feature of the project's template)")
-    if args.dry_run:
+    if args.plot:
+        steps = [json.loads(line) for line in (args.plot / "steps.jsonl").read_text().splitlines() if line.strip()]
+        plot_steps(steps, args.plot / "curve.png")
+        print(json.dumps(reward_trend(steps)))
+    elif args.dry_run:
         dry_run(args.horizon, min(args.rows, 3))
     elif args.model:
         train(args)
     else:
-        ap.error("give --model PATH, or --dry-run")
+        ap.error("give --model PATH, --dry-run or --plot DIR")
 
 
 if __name__ == "__main__":

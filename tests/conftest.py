@@ -72,3 +72,18 @@ def load_script():
         return module
 
     return load
+
+
+@pytest.fixture
+def trl_smollm2():
+    """The imported SmolLM2-135M-Instruct directory for a slow TRL test; skips without TRL, datasets
+    or the model."""
+    pytest.importorskip("trl")
+    pytest.importorskip("datasets")
+    pytest.importorskip("torch")
+    from agents.policy.models import imported_path
+
+    model = imported_path("smollm2-135m-instruct")
+    if model is None:
+        pytest.skip("SmolLM2-135M-Instruct is not imported (memr2 models import smollm2-135m-instruct; set MEMR2_HOME)")
+    return model

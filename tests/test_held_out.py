@@ -108,3 +108,22 @@ def test_pool_merges_two_sets_of_conversations_agent_by_agent(held_out, tmp_path
     other = _report(tmp_path / "h4", {"warm": [0.1]}, ["warm"], meta={**META, "seed": 5, "horizon": 4})
     with pytest.raises(SystemExit, match="differ in more than the conversations"):
         held_out.combine([*files, other], tmp_path / "bad", pool=True)
+
+
+def test_a_tool_calling_checkpoint_plays_the_same_conversations(held_out, tmp_path, monkeypatch):
+    """--tool-checkpoint: a chat model that acts through MemoryToolEnv's tools gets a row scored like
+    the others. A random model writes no call that parses: its memory stays empty, so its F1 is the
+    no-memory agent's on every conversation, and every reply counts as a parse error."""
+    pytest.importorskip("torch")
+    from tests.test_trl_template import tiny_model_dir
+
+    model = tiny_model_dir(tmp_path / "random-chat-model")
+    monkeypatch.setattr("sys.argv", ["held_out.py", "--preset", "smoke", "--episodes", "2", "--horizon", "1",
+                                     "--tool-checkpoint", f"random={model}", "--max-new-tokens", "8", "--out", str(tmp_path / "out")])
+    held_out.main()
+    data = json.loads((tmp_path / "out" / "held_out.json").read_text())
+    row = data["rows"]["random"]
+    assert data["checkpoints"] == ["random"] and len(row["f1_per_task"]) == 2
+    assert row["f1_per_task"] == data["rows"]["no memory"]["f1_per_task"] and row["memory_size"] == 0
+    assert row["parse_error_rate"] == 1.0 and row["replies"] == 2
+    assert "| random |" in (tmp_path / "out" / "held_out.md").read_text()

@@ -312,7 +312,7 @@ def test_example_without_tool_template_gives_trls_error_and_our_hint(tmp_path):
 
 
 @pytest.mark.slow
-def test_trl_grpo_trains_smollm2_through_the_tools(tmp_path):
+def test_trl_grpo_trains_smollm2_through_the_tools(tmp_path, trl_smollm2):
     """2 real GRPO steps of TRL's trainer on SmolLM2-135M-Instruct, on the CPU, with the project's
     template: the model's tool calls are parsed by TRL and run against the env, the reward TRL
     trains on is the env's episode return, and the weights move. About 5-10 minutes on 2 cores.
@@ -321,14 +321,9 @@ def test_trl_grpo_trains_smollm2_through_the_tools(tmp_path):
     memory the model adds changes the episode's return and a group's rollouts differ whenever some
     add a memory and others do not. With the default threshold this model's reward is almost
     always 0 at horizon 2, and GRPO has no gradient when a group's rewards are equal."""
-    pytest.importorskip("trl")
-    pytest.importorskip("datasets")
-    torch = pytest.importorskip("torch")
-    from agents.policy.models import imported_path
+    import torch
 
-    model = imported_path("smollm2-135m-instruct")
-    if model is None:
-        pytest.skip("SmolLM2-135M-Instruct is not imported (memr2 models import smollm2-135m-instruct; set MEMR2_HOME)")
+    model = trl_smollm2
     probe = MemoryToolEnv(horizon=H, bloat_tau=0.0)
     probe.reset(seed=0)
     probe.add_memory("A note.", "Marta")
