@@ -21,7 +21,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from agents.trl_adapter import DEFAULT_PROMPT, MemoryToolEnv
-from agents.trl_sft import parse_reply, tool_methods
+from agents.trl_sft import call_tool, parse_reply, tool_methods
 
 __all__ = ["play_tool_episodes", "tool_final_score", "load_tool_model"]
 
@@ -105,17 +105,9 @@ def _take_reply(e: dict, tokenizer: Any, prompt: list[int], ids: list[int], eos:
         fn = call.get("function", {}) if call.get("type") == "function" else {}
         name = fn.get("name") or call.get("name", "unknown")
         e["calls"][name] = e["calls"].get(name, 0) + 1
-        try:
-            if name not in e["by_name"]:
-                raise ValueError(f"Tool {name} not found.")
-            arguments = fn.get("arguments") or {}
-            if not isinstance(arguments, dict):
-                raise TypeError(f"the arguments of {name} are not an object")
-            result: Any = e["by_name"][name](**arguments)
-        except Exception as err:  # noqa: BLE001 (sent back to the model, as TRL does)
-            e["tool_errors"] += 1
-            result = {"error": str(err)}
-        e["messages"].append({"role": "tool", "name": name, "content": str(result)})
+        answer, failed = call_tool(e["by_name"], name, fn.get("arguments") or {})
+        e["tool_errors"] += failed
+        e["messages"].append({"role": "tool", "name": name, "content": answer})
     if not calls or e["replies"] >= max_replies:
         e["open"] = False
 

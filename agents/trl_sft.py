@@ -33,7 +33,7 @@ from agents.trl_adapter import DEFAULT_PROMPT, MemoryToolEnv
 
 __all__ = [
     "FINAL_REPLY", "TRL_MIN_VERSION", "require_trl", "tool_methods", "tool_schemas", "arguments_text", "operation_calls",
-    "teacher_conversation", "build_sft_dataset", "check_round_trip", "parse_reply",
+    "teacher_conversation", "build_sft_dataset", "check_round_trip", "parse_reply", "call_tool",
 ]
 
 #: What the teacher answers after ``next_turns`` reports the end: a reply without a tool call,
@@ -101,16 +101,18 @@ def operation_calls(operations: Sequence[dict]) -> list[tuple[str, dict]]:
     return calls
 
 
-def _call_tool(tools: dict[str, Callable], name: str, arguments: dict) -> str:
-    """A tool's answer as ``GRPOTrainer`` sends it back: ``str(result)``, or ``str({"error": ...})``
-    when the tool raises or does not exist."""
+def call_tool(tools: dict[str, Callable], name: str, arguments: Any) -> tuple[str, bool]:
+    """Run one parsed call as ``GRPOTrainer`` does; returns the answer it sends back
+    (``str(result)``, or ``str({"error": ...})`` when the tool does not exist, the arguments are not
+    an object, or the tool raises) and whether the call failed."""
     try:
         if name not in tools:
             raise ValueError(f"Tool {name} not found.")
-        result: Any = tools[name](**arguments)
+        if not isinstance(arguments, dict):
+            raise TypeError(f"the arguments of {name} are not an object")
+        return str(tools[name](**arguments)), False
     except Exception as err:  # noqa: BLE001 (TRL sends any tool error back to the model)
-        result = {"error": str(err)}
-    return str(result)
+        return str({"error": str(err)}), True
 
 
 def teacher_conversation(env: MemoryToolEnv, teacher: Any, row: dict, prompt: str = DEFAULT_PROMPT) -> tuple[list[dict], float]:
@@ -136,7 +138,7 @@ def teacher_conversation(env: MemoryToolEnv, teacher: Any, row: dict, prompt: st
         messages.append({"role": "assistant", "content": "", "tool_calls": [
             {"type": "function", "function": {"name": name, "arguments": arguments}} for name, arguments in calls]})
         for name, arguments in calls:
-            messages.append({"role": "tool", "name": name, "content": _call_tool(tools, name, arguments)})
+            messages.append({"role": "tool", "name": name, "content": call_tool(tools, name, arguments)[0]})
     messages.append({"role": "assistant", "content": FINAL_REPLY})
     return messages, env.get_reward()
 
