@@ -20,7 +20,7 @@ LAYERS = (
     ("agents._lazy", "agents._extensions"),
     ("agents.generation",),
     ("agents.policy",),
-    ("agents.baselines", "agents.trl_adapter", "agents.trl_template"),
+    ("agents.baselines", "agents.trl_adapter", "agents.trl_template", "agents.trl_sft", "agents.trl_play"),
     ("agents.rl",),
     ("agents.presets",),
     ("agents.commands", "agents.cli"),
