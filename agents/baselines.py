@@ -24,7 +24,8 @@ import numpy as np
 
 from memenv.types import OP_ADD, OP_DELETE, OP_NOOP, OP_UPDATE
 
-__all__ = ["OracleAgent", "NoMemoryAgent", "StoreTurnsAgent", "AddOnlyAgent", "NoisyTeacher", "make_agent", "AGENTS"]
+__all__ = ["OracleAgent", "NoMemoryAgent", "StoreTurnsAgent", "AddOnlyAgent", "NoisyTeacher", "make_agent", "AGENTS",
+           "final_memory_score", "mean_final_scores"]
 
 EXTRACTOR, MANAGER = 0, 1
 _TURN_LINE = re.compile(r"^\[(D[^\]]*)\]\s*([^:]+):\s?(.*)$")
@@ -224,3 +225,25 @@ def make_agent(name: str, **kwargs: Any):
         return AGENTS[name](**kwargs)
     except KeyError:
         raise ValueError(f"unknown agent {name!r}; choose one of {sorted(AGENTS)}") from None
+
+
+def final_memory_score(env: Any) -> dict[str, float]:
+    """How a finished episode is compared in held-out tables: ``f1``, the mean F1 of the final
+    memory on every question valid at the end of the horizon (``questions_for(mode="final",
+    max_questions=None)``; 0 with no question), ``penalty`` (the bloat penalty) and
+    ``memory_size`` (entries in the bank)."""
+    scorer = env.unwrapped
+    qa = scorer.score_questions(scorer.questions_for(mode="final", max_questions=None))
+    return {"f1": float(np.mean([q["f1"] for q in qa])) if qa else 0.0, "penalty": scorer.bloat_penalty(),
+            "memory_size": len(scorer.save_state().bank)}
+
+
+def mean_final_scores(scores: list[dict[str, float]], *, per_task: bool = False) -> dict[str, Any]:
+    """The means over episodes of :func:`final_memory_score`, with ``reward`` = F1 - penalty; with
+    ``per_task``, also ``f1_per_task``."""
+    f1, penalty = np.mean([s["f1"] for s in scores]), np.mean([s["penalty"] for s in scores])
+    result: dict[str, Any] = {"f1": float(f1), "penalty": float(penalty), "reward": float(f1 - penalty),
+                              "memory_size": float(np.mean([s["memory_size"] for s in scores]))}
+    if per_task:
+        result["f1_per_task"] = [s["f1"] for s in scores]
+    return result

@@ -18,8 +18,7 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-import numpy as np
-
+from agents.baselines import final_memory_score, mean_final_scores
 from agents.trl_adapter import DEFAULT_PROMPT, MemoryToolEnv
 from agents.trl_sft import call_tool, parse_reply, tool_methods
 
@@ -121,13 +120,8 @@ def tool_final_score(model: Any, tokenizer: Any, env_fn, tasks: Sequence[int], *
     ``parse_error_rate``, one minus it; ``tool_error_rate``; ``truncated_rate``; ``calls``)."""
     envs = [MemoryToolEnv(env=env_fn()) for _ in tasks]
     records = play_tool_episodes(model, tokenizer, envs, [{"task": int(t)} for t in tasks], **play_kwargs)
-    f1, penalty, size = [], [], []
+    scores = [final_memory_score(env.env) for env in envs]
     for env in envs:
-        scorer = env.env.unwrapped
-        qa = scorer.score_questions(scorer.questions_for(mode="final", max_questions=None))
-        f1.append(float(np.mean([q["f1"] for q in qa])) if qa else 0.0)
-        penalty.append(scorer.bloat_penalty())
-        size.append(len(scorer.save_state().bank))
         env.env.close()
     replies = sum(r["replies"] for r in records)
     open_replies = sum(r["open_replies"] for r in records)
@@ -138,8 +132,7 @@ def tool_final_score(model: Any, tokenizer: Any, env_fn, tasks: Sequence[int], *
             calls[name] = calls.get(name, 0) + n
     n_calls = sum(calls.values())
     return {
-        "f1": float(np.mean(f1)), "penalty": float(np.mean(penalty)), "reward": float(np.mean(f1) - np.mean(penalty)),
-        "memory_size": float(np.mean(size)), "f1_per_task": f1,
+        **mean_final_scores(scores, per_task=True),
         "replies": replies, "open_replies": open_replies, "reply_parse_rate": parsed,
         "tool_error_rate": sum(r["tool_errors"] for r in records) / max(n_calls, 1),
         "truncated_rate": sum(r["truncated"] for r in records) / max(replies, 1),

@@ -8,7 +8,7 @@ same conversation, as GRPO needs.
 
     # SmolLM2-135M-Instruct on a CPU, the route that learns: a warm start on the noisy teacher's
     # tool calls with TRL's SFTTrainer (examples/trl_sft.py, about 20 minutes), then GRPO on the
-    # small preset's conversations (about an hour; docs/third_party.md has the run)
+    # small preset's conversations (4-8 min a step here: 15 steps take about 1.5 h; docs/third_party.md)
     python examples/trl_sft.py --model "$(memr2 models path smollm2-135m-instruct)" --output-dir runs/trl_sft
     python examples/trl_grpo.py --model runs/trl_sft --preset small --horizon 2 --rows 16 \
         --num-generations 4 --micro-batch 1 --max-steps 15 --max-completion-length 2048 --max-tool-calls 16 \

@@ -386,29 +386,18 @@ def agent_final_score(agent, env_fn: Callable, tasks: Sequence[int], *, per_task
     ``penalty``, ``reward`` and ``memory_size``, averaged the same way; with ``per_task``,
     also ``f1_per_task``.
     """
+    from agents.baselines import final_memory_score, mean_final_scores
     from agents.commands.evaluate import play_episode
 
     env = env_fn()
-    f1, penalty, size = [], [], []
+    scores = []
     try:
         for task in tasks:
             play_episode(env, agent, options={"task": int(task)})
-            scorer = env.unwrapped
-            qa = scorer.score_questions(scorer.questions_for(mode="final", max_questions=None))
-            f1.append(float(np.mean([q["f1"] for q in qa])) if qa else 0.0)
-            penalty.append(scorer.bloat_penalty())
-            size.append(len(scorer.save_state().bank))
+            scores.append(final_memory_score(env))
     finally:
         env.close()
-    result: dict[str, Any] = {
-        "f1": float(np.mean(f1)),
-        "penalty": float(np.mean(penalty)),
-        "reward": float(np.mean(f1) - np.mean(penalty)),
-        "memory_size": float(np.mean(size)),
-    }
-    if per_task:
-        result["f1_per_task"] = f1
-    return result
+    return mean_final_scores(scores, per_task=per_task)
 
 
 def _length_stats(policy, examples: Sequence[Example], max_new_tokens: int) -> dict[str, Any]:
