@@ -78,7 +78,9 @@ def test_settings_reach_the_preset_and_the_job():
     assert [(s.horizon, s.steps) for s in curriculum[0].stages] == [(4, 2), (8, 1)]
     assert [(s.horizon, s.steps) for s in flat[0].stages] == [(8, 3)]
     assert curriculum[0].turns_per_session == (6, 8) and curriculum[0].lr == 1.0 and isinstance(curriculum[0].lr, float)
-    assert curriculum[1] == {"algo": "logo-grpo", "seed": 3, "model": None, "device": "cpu"}
+    assert curriculum[1] == {"algo": "logo-grpo", "seed": 3, "model": None, "device": "cpu", "backend": "hf"}
+    vllm = parse_spec(_spec(settings={"backend": "vllm"}))
+    assert sweep.resolve(vllm, vllm.runs[0])[1]["backend"] == "vllm"  # the rollout sampler, as memr2 train --backend
     # Runs that differ only in RL settings share a warm start; another seed or warm-start setting does not.
     spec = parse_spec(_spec(axes={"algo": ["grpo", "logo-grpo"], "curriculum": [True, False], "lr": [1e-4, 1e-3],
                                   "seed": [0, 1], "sft_steps": [5, 6]}))
@@ -110,6 +112,7 @@ BAD_SPECS = [
     ({"settings": {"stages": "8-10"}}, r"stages = '8-10': bad stage"),
     ({"settings": {"algo": "grpo"}}, r"'algo' is both a fixed setting and an axis"),
     ({"report": {"equal_budget": "yes"}}, r"equal_budget must be true or false"),
+    ({"settings": {"backend": "sglang"}}, r"backend = 'sglang': expected one of hf, vllm, auto"),
 ]
 
 
@@ -507,9 +510,9 @@ class _FakeTrain:
     def __init__(self):
         self.calls = []
 
-    def __call__(self, preset, *, out, algo, model_path, seed, device, progress, preset_name, resume):
+    def __call__(self, preset, *, out, algo, model_path, seed, device, progress, preset_name, resume, backend):
         out = Path(out)
-        self.calls.append({"out": out, "resume": resume, "files": sorted(p.name for p in out.iterdir())})
+        self.calls.append({"out": out, "resume": resume, "backend": backend, "files": sorted(p.name for p in out.iterdir())})
         assert (out / "warm_start" / "config.json").read_text() == "{}"  # the shared warm start, unpacked
         with open(out / "metrics.jsonl", "a") as f:
             f.write('{"time/step_s": 2.0, "global/groups": 4, "global/zero_variance_groups": 1, "local/groups": 0}\n'
@@ -566,6 +569,7 @@ def test_a_run_trains_in_its_own_attempt_directory_and_lands_at_its_name(one_run
     result = execute()
     [call] = fake.calls
     assert call["out"].name.startswith(".a.attempt-") and call["out"].parent == runs and not call["resume"]
+    assert call["backend"] == "hf"  # the spec names none
     assert call["files"] == [".attempt.lock", "warm_start"]  # a fresh directory
     assert sorted(p.name for p in runs.iterdir()) == ["a"]
     assert sorted(p.name for p in (runs / "a").iterdir()) == ["metrics.jsonl", "warm_start"]  # no lock file left

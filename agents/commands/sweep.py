@@ -11,7 +11,7 @@ is one run of ``memr2 train``'s job (:func:`agents.commands.train.train`)::
     cpus = 1
     gpus = 0
 
-    [settings]                       # every run: TrainPreset fields, algo, seed, curriculum, model, device
+    [settings]                       # every run: TrainPreset fields, algo, seed, curriculum, model, device, backend
     sft_steps = 10
 
     [axes]                           # one run per combination
@@ -88,7 +88,9 @@ RUN_SETTINGS = {
     "curriculum": "false: all steps at the last stage's horizon (memr2 train --no-curriculum)",
     "model": "a local checkpoint or known model name to train as is, without a warm start",
     "device": "torch device (cpu, cuda)",
+    "backend": "rollout sampler: hf (default), vllm or auto (memr2 train --backend)",
 }
+BACKENDS = ("hf", "vllm", "auto")
 PRESET_SETTINGS = {f.name: f.type for f in fields(TrainPreset)}
 SETTINGS = sorted([*RUN_SETTINGS, *PRESET_SETTINGS])
 TABLES = {
@@ -337,6 +339,10 @@ def _convert(key: str, value: Any) -> Any:
         if not isinstance(value, bool):
             raise TypeError("expected true or false")
         return value
+    if key == "backend":
+        if value not in BACKENDS:
+            raise ValueError(f"expected one of {', '.join(BACKENDS)}")
+        return value
     if key in ("model", "device"):
         if not isinstance(value, str):
             raise TypeError("expected a string")
@@ -385,7 +391,7 @@ def resolve(spec: SweepSpec, run: RunSpec) -> tuple[TrainPreset, dict[str, Any]]
         model = str(Path(model).expanduser().resolve())
     job = {
         "algo": run.settings.get("algo", "logo-grpo"), "seed": run.seed, "model": model,
-        "device": run.settings.get("device", "cpu"),
+        "device": run.settings.get("device", "cpu"), "backend": run.settings.get("backend", "hf"),
     }
     return preset, job
 
@@ -496,7 +502,8 @@ def execute_run(preset: TrainPreset, job: dict[str, Any], out: str, warm: bytes 
                     start_f1 = _start_f1(preset, job, out_dir, model_path)
                     _write_atomic(saved, json.dumps({"f1": start_f1}).encode())
             res = train(preset, out=out_dir, algo=job["algo"], model_path=model_path, seed=job["seed"], device=job["device"],
-                        progress=False, preset_name=preset_name, resume=resumed_from is not None)
+                        progress=False, preset_name=preset_name, resume=resumed_from is not None,
+                        backend=job.get("backend", "hf"))
         finally:
             _set_threads(before)
         summary = summarize_training(read_metrics(out_dir / "metrics.jsonl"))
