@@ -33,7 +33,7 @@ from agents.trl_adapter import DEFAULT_PROMPT, MemoryToolEnv
 
 __all__ = [
     "FINAL_REPLY", "TRL_MIN_VERSION", "require_trl", "tool_methods", "tool_schemas", "arguments_text", "operation_calls",
-    "teacher_conversation", "build_sft_dataset", "check_round_trip", "parse_reply", "call_tool",
+    "teacher_conversation", "teacher_return", "build_sft_dataset", "check_round_trip", "parse_reply", "call_tool",
 ]
 
 #: What the teacher answers after ``next_turns`` reports the end: a reply without a tool call,
@@ -141,6 +141,21 @@ def teacher_conversation(env: MemoryToolEnv, teacher: Any, row: dict, prompt: st
             messages.append({"role": "tool", "name": name, "content": call_tool(tools, name, arguments)[0]})
     messages.append({"role": "assistant", "content": FINAL_REPLY})
     return messages, env.get_reward()
+
+
+def teacher_return(env: MemoryToolEnv, row: dict, *, noise: float = 0.3, draws: int = 4, seed: int = 0) -> float:
+    """The noisy teacher's mean episode return on the episode ``row`` names, over ``draws`` draws of
+    its mistakes (``NoisyTeacher(noise, seed=seed + j)``), played in ``env``.
+
+    A measure of how hard that conversation is for a policy that plays like the warm start's data:
+    ``examples/trl_grpo.py`` logs it beside each step's rewards, because a GRPO step plays one
+    conversation, and which one moves a step's mean reward more than a few updates do.
+    Deterministic in ``(row, env settings, noise, draws, seed)``."""
+    from agents.baselines import NoisyTeacher
+
+    if draws < 1:
+        raise ValueError(f"draws must be >= 1, got {draws}")
+    return sum(teacher_conversation(env, NoisyTeacher(noise=noise, seed=seed + j), row)[1] for j in range(draws)) / draws
 
 
 def build_sft_dataset(rows: Sequence[dict], *, env_kwargs: dict, noise: float = 0.3, seed: int = 0,

@@ -10,9 +10,10 @@ same conversation, as GRPO needs.
     # tool calls with TRL's SFTTrainer (examples/trl_sft.py, about 20 minutes), then GRPO on the
     # small preset's conversations (4-8 min a step here: 15 steps take about 1.5 h; docs/third_party.md)
     python examples/trl_sft.py --model "$(memr2 models path smollm2-135m-instruct)" --output-dir runs/trl_sft
+    # (--save-steps 1: a checkpoint after every step; after a kill, the same command with --resume goes on)
     python examples/trl_grpo.py --model runs/trl_sft --preset small --horizon 2 --rows 16 \
         --num-generations 4 --micro-batch 1 --max-steps 15 --max-completion-length 2048 --max-tool-calls 16 \
-        --temperature 1.0 --learning-rate 2e-5 --seed 0 --output-dir runs/trl_grpo
+        --temperature 1.0 --learning-rate 2e-5 --seed 0 --output-dir runs/trl_grpo --save-steps 1
 
     # SmolLM2 without a warm start: its own chat template has no tool calling, so use the
     # project's (agents/trl_template.py; a warm start saves it with the model); --start-with-tool-call
@@ -32,9 +33,13 @@ The device and precision follow the machine (``--dtype auto``: bfloat16 mixed pr
 with bfloat16 instructions or a GPU that supports it, else float32; weights stay float32; see
 ``agents.trl_template.precision_settings``). Each step prints one line (reward, share of replies
 with a parsed tool call, tool calls and errors, env operations) and appends it to
-``OUTPUT_DIR/steps.jsonl``; at the end the totals and the reward's trend (least-squares slope per
-step with a bootstrap CI) go to ``OUTPUT_DIR/summary.json`` and the curves to
-``OUTPUT_DIR/curve.png`` (``--plot OUTPUT_DIR`` redraws them from ``steps.jsonl``).
+``OUTPUT_DIR/steps.jsonl``, with the conversation each rollout played and the noisy teacher's
+return on it (a step plays one conversation, and which one moves the step's reward more than a few
+updates do; the reward minus the teacher's takes that out). At the end the totals and the reward's
+trend (least-squares slope per step with a bootstrap CI, raw and relative to the teacher) go to
+``OUTPUT_DIR/summary.json`` and the curves to ``OUTPUT_DIR/curve.png`` (``--plot OUTPUT_DIR``
+redraws them from ``steps.jsonl``). ``--save-steps N`` keeps the latest checkpoint, and
+``--resume`` continues a killed run from it.
 
 Nothing is downloaded: ``--model`` must be a local directory, and the Hugging Face hub is put in
 offline mode before TRL is imported.
@@ -147,14 +152,19 @@ def build_trainer(args: argparse.Namespace, *, reward_funcs=(reply_stats,), rows
         **{checkpointing: args.gradient_checkpointing},
         chat_template_kwargs={"start_with_tool_call": True} if args.start_with_tool_call else None,
         logging_steps=1,
-        save_strategy="no",
+        # --save-steps: a checkpoint (model, optimizer, RNG, data position) every N steps, the latest
+        # kept, so --resume continues a long run after a kill where it stopped
+        save_strategy="steps" if args.save_steps else "no",
+        save_steps=args.save_steps or 500,
+        save_total_limit=1,
         report_to="none",
         **precision,
     )
     envs: list[MemoryToolEnv] = []
+    settings = {"horizon": args.horizon, "max_questions": args.max_questions, **preset_kwargs, **(env_kwargs or {})}
 
     def make_env() -> MemoryToolEnv:  # TRL calls it with no arguments; keep each env for the summary
-        env = MemoryToolEnv(**{"horizon": args.horizon, "max_questions": args.max_questions, **preset_kwargs, **(env_kwargs or {})})
+        env = MemoryToolEnv(**settings)
         envs.append(env)
         return env
 
@@ -172,8 +182,26 @@ def build_trainer(args: argparse.Namespace, *, reward_funcs=(reply_stats,), rows
         if hinted is err:
             raise
         raise hinted from err
-    trainer.add_callback(make_step_log(envs, Path(args.output_dir) / "steps.jsonl"))
+    trainer.add_callback(make_step_log(envs, Path(args.output_dir) / "steps.jsonl", teacher_baseline(settings)))
     return trainer, envs
+
+
+def teacher_baseline(settings: dict):
+    """``row -> the noisy teacher's mean return on that episode`` in an env with ``settings``
+    (:func:`agents.trl_sft.teacher_return`: noise 0.3 as in the warm start's data, 4 draws), cached
+    per row. Each step's record carries it, so the reward can be read relative to how hard the
+    step's conversation is."""
+    from agents.trl_sft import teacher_return
+
+    env, cache = MemoryToolEnv(**settings), {}
+
+    def baseline(row: dict) -> float:
+        key = tuple(sorted(row.items()))
+        if key not in cache:
+            cache[key] = teacher_return(env, row)
+        return cache[key]
+
+    return baseline
 
 
 def preset_env_kwargs(args: argparse.Namespace) -> dict:
@@ -218,26 +246,50 @@ def episode_totals(episodes: list[dict]) -> dict:
         "env_operations": dict(ops),
         "finished_by_model": sum(h["finished_by_model"] for h in episodes),
         "episode_rewards": [h["reward"] for h in episodes],
+        "episode_rows": [h["row"] for h in episodes],
     }
 
 
-def make_step_log(envs: list[MemoryToolEnv], path: Path):
-    """The callback that logs each step (a class made here: transformers is imported only when training)."""
+def combine_totals(records: list[dict]) -> dict:
+    """:func:`episode_totals` of a whole run from its per-step records (which survive a resume,
+    where the envs' histories do not)."""
+    calls: Counter = Counter()
+    ops: Counter = Counter({k: 0 for k in _OPS})
+    for r in records:
+        calls.update(r["tool_calls"])
+        ops.update(r["env_operations"])
+    return {
+        "episodes": sum(r["episodes"] for r in records),
+        "tool_calls": dict(sorted(calls.items())),
+        "tool_errors": sum(r["tool_errors"] for r in records),
+        "env_operations": dict(ops),
+        "finished_by_model": sum(r["finished_by_model"] for r in records),
+    }
+
+
+def make_step_log(envs: list[MemoryToolEnv], path: Path, baseline=None):
+    """The callback that logs each step (a class made here: transformers is imported only when
+    training). ``baseline(row)``, if given, is a reference return for the episode ``row`` names
+    (:func:`teacher_baseline`)."""
     from transformers import TrainerCallback
 
     class StepLog(TrainerCallback):
         """After each logged step: that step's TRL figures plus the episodes the envs scored since the
-        last step, printed as one line and appended to ``steps.jsonl`` (a long run can be read while
-        it runs, and what it did survives an interruption)."""
+        last step (their rows, returns and, with a baseline, the baseline's return on the same rows),
+        printed as one line and appended to ``steps.jsonl`` (a long run can be read while it runs, and
+        what it did survives an interruption). A run resumed from a checkpoint keeps the records up to
+        the checkpoint's step and appends after them."""
 
         def __init__(self, envs: list[MemoryToolEnv], path: Path):
             self.envs, self.path, self.seen, self.records = envs, path, {}, []
             self.start = time.perf_counter()
 
         def on_train_begin(self, args, state, control, **kwargs):
-            self.start = time.perf_counter()
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.path.write_text("")
+            self.records = [r for r in read_steps(self.path) if r["step"] <= state.global_step] if state.global_step else []
+            self.path.write_text("".join(json.dumps(r) + "\n" for r in self.records))
+            # elapsed time counts on from the checkpoint's last record
+            self.start = time.perf_counter() - (self.records[-1]["elapsed_s"] if self.records else 0.0)
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             if not logs or "reward" not in logs:
@@ -249,6 +301,9 @@ def make_step_log(envs: list[MemoryToolEnv], path: Path):
                 self.seen[id(env)] = len(history)
             record = {"step": state.global_step, "elapsed_s": round(time.perf_counter() - self.start, 1),
                       **{ours: logs[key] for key, ours in _LOG_KEYS.items() if key in logs}, **episode_totals(new)}
+            if baseline is not None and new:
+                record["teacher_rewards"] = [baseline(h["row"]) for h in new]
+                record["reward_vs_teacher"] = sum(h["reward"] for h in new) / len(new) - sum(record["teacher_rewards"]) / len(new)
             self.records.append(record)
             with self.path.open("a") as f:
                 f.write(json.dumps(record) + "\n")
@@ -263,24 +318,35 @@ def make_step_log(envs: list[MemoryToolEnv], path: Path):
     return StepLog(envs, path)
 
 
+def read_steps(path: Path) -> list[dict]:
+    """The per-step records of ``steps.jsonl`` (none if the file does not exist)."""
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
 def step_log(trainer):
     """The example's callback on ``trainer`` (its ``records``: one dict per step)."""
     return next(cb for cb in trainer.callback_handler.callbacks if type(cb).__name__ == "StepLog")
 
 
-def summarize(trainer, envs: list[MemoryToolEnv], wall_s: float) -> dict:
-    """The run's per-step records and its totals over every scored episode."""
-    return {"wall_s": round(wall_s, 1), "steps": step_log(trainer).records,
-            **episode_totals([h for env in envs for h in env.history])}
+def summarize(trainer, wall_s: float) -> dict:
+    """The run's per-step records and its totals over every scored episode (those of the steps
+    before a resume included)."""
+    records = step_log(trainer).records
+    return {"wall_s": round(wall_s, 1), "steps": records, **combine_totals(records)}
 
 
-def reward_trend(steps: list[dict]) -> dict:
-    """The least-squares slope of the mean reward against the step, with a 95% bootstrap CI over
-    steps, and the mean reward of the first and the second half of the run."""
+def reward_trend(steps: list[dict], key: str = "reward") -> dict:
+    """The least-squares slope of the steps' ``key`` (the mean reward) against the step, with a 95%
+    bootstrap CI over steps, and its mean over the first and the second half of the run. With
+    ``key="reward"`` and steps that carry ``reward_vs_teacher``, also the same for that
+    (``"vs_teacher"``): the reward minus the noisy teacher's on the same conversations, which takes
+    out how hard each step's conversation happened to be."""
     import numpy as np
 
     x = np.array([s["step"] for s in steps], float)
-    y = np.array([s["reward"] for s in steps], float)
+    y = np.array([s[key] for s in steps], float)
     if len(x) < 3:
         return {"steps": len(x)}
     rng = np.random.default_rng(0)
@@ -290,10 +356,13 @@ def reward_trend(steps: list[dict]) -> dict:
         if np.ptp(x[i]) > 0:
             slopes.append(np.polyfit(x[i], y[i], 1)[0])
     half = len(y) // 2
-    return {"steps": len(x), "slope_per_step": float(np.polyfit(x, y, 1)[0]),
-            "slope_ci95": [float(np.percentile(slopes, 2.5)), float(np.percentile(slopes, 97.5))],
-            "first_half_reward": float(y[:half].mean()), "second_half_reward": float(y[half:].mean()),
-            "steps_with_reward_std": int(sum(s.get("reward_std", 0) > 0 for s in steps))}
+    trend = {"steps": len(x), "slope_per_step": float(np.polyfit(x, y, 1)[0]),
+             "slope_ci95": [float(np.percentile(slopes, 2.5)), float(np.percentile(slopes, 97.5))],
+             "first_half_reward": float(y[:half].mean()), "second_half_reward": float(y[half:].mean()),
+             "steps_with_reward_std": int(sum(s.get("reward_std", 0) > 0 for s in steps))}
+    if key == "reward" and all("reward_vs_teacher" in s for s in steps):
+        trend["vs_teacher"] = {k: v for k, v in reward_trend(steps, "reward_vs_teacher").items() if k != "steps_with_reward_std"}
+    return trend
 
 
 def plot_steps(steps: list[dict], path: Path) -> None:
@@ -304,23 +373,39 @@ def plot_steps(steps: list[dict], path: Path) -> None:
     from matplotlib.figure import Figure  # no pyplot: renders with Agg, no global state
 
     x = np.array([s["step"] for s in steps])
-    fig = Figure(figsize=(10, 3.4))
-    ax, ax_std, ax_calls = fig.subplots(1, 3)
+    relative = all("teacher_rewards" in s for s in steps)
+    fig = Figure(figsize=(13 if relative else 10, 3.4))
+    axes = fig.subplots(1, 4 if relative else 3)
+    ax, ax_std, ax_calls = axes[0], axes[-2], axes[-1]
     for s in steps:
         ax.scatter([s["step"]] * len(s["episode_rewards"]), s["episode_rewards"], s=9, color="0.6")
-    y = np.array([s["reward"] for s in steps])
-    ax.plot(x, y, "o-", color="C0", label="group mean")
-    if len(x) >= 2:
-        slope, icept = np.polyfit(x, y, 1)
-        ax.plot(x, icept + slope * x, "--", color="C3", label=f"trend {slope:+.4f}/step")
+    _mean_and_trend(ax, x, np.array([s["reward"] for s in steps]))
     ax.set(xlabel="step", ylabel="episode return", title="reward")
-    ax.legend(fontsize=8)
+    if relative:
+        ax_rel = axes[1]
+        for s in steps:
+            ax_rel.scatter([s["step"]] * len(s["episode_rewards"]),
+                           np.subtract(s["episode_rewards"], s["teacher_rewards"]), s=9, color="0.6")
+        _mean_and_trend(ax_rel, x, np.array([s["reward_vs_teacher"] for s in steps]))
+        ax_rel.axhline(0.0, color="0.3", lw=0.8)
+        ax_rel.set(xlabel="step", ylabel="return minus the teacher's", title="reward relative to the teacher\n(same conversation)")
     ax_std.bar(x, [s.get("reward_std", 0) for s in steps], color="C1")
     ax_std.set(xlabel="step", title="reward std in the group")
     ax_calls.plot(x, [s.get("replies_with_tool_call", np.nan) for s in steps], "o-", color="C2")
     ax_calls.set(xlabel="step", ylim=(0, 1.05), title="replies with a parsed tool call")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+
+
+def _mean_and_trend(ax, x, y) -> None:
+    """Each step's group mean, and its least-squares trend line."""
+    import numpy as np
+
+    ax.plot(x, y, "o-", color="C0", label="group mean")
+    if len(x) >= 2:
+        slope, icept = np.polyfit(x, y, 1)
+        ax.plot(x, icept + slope * x, "--", color="C3", label=f"trend {slope:+.4f}/step")
+    ax.legend(fontsize=8)
 
 
 def train(args: argparse.Namespace) -> dict:
@@ -331,8 +416,8 @@ def train(args: argparse.Namespace) -> dict:
             raise SystemExit(f"error: {err}") from None
         raise
     start = time.perf_counter()
-    trainer.train()
-    summary = summarize(trainer, envs, time.perf_counter() - start)
+    trainer.train(resume_from_checkpoint=resume_checkpoint(args))
+    summary = summarize(trainer, time.perf_counter() - start)
     replies = [s["replies_with_tool_call"] for s in summary["steps"] if "replies_with_tool_call" in s]
     print(
         f"{summary['episodes']} episodes, {len(summary['steps'])} steps in {summary['wall_s']:.0f} s; mean reward "
@@ -349,6 +434,21 @@ def train(args: argparse.Namespace) -> dict:
     if args.save:
         trainer.save_model(args.output_dir)
     return summary
+
+
+def resume_checkpoint(args: argparse.Namespace) -> str | None:
+    """With ``--resume``: the latest ``checkpoint-N`` in ``--output-dir`` (a ``SystemExit`` naming the
+    directory if there is none); else None."""
+    if not args.resume:
+        return None
+    from transformers.trainer_utils import get_last_checkpoint
+
+    out = Path(args.output_dir)
+    last = get_last_checkpoint(str(out)) if out.is_dir() else None
+    if last is None:
+        raise SystemExit(f"--resume: no checkpoint-N directory in {out}; a run saves them with --save-steps N")
+    print(f"resuming from {last}")
+    return last
 
 
 def parser() -> argparse.ArgumentParser:
@@ -394,6 +494,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--gradient-checkpointing", action="store_true", help="trade compute for memory (off: small models)")
     p.add_argument("--no-save", dest="save", action="store_false", help="do not save the trained model")
+    p.add_argument("--save-steps", type=int, default=0, metavar="N",
+                   help="save a checkpoint (model, optimizer, RNG and data position) every N steps, keeping the latest "
+                        "(default 0: none); --resume continues from it")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --output-dir from its latest checkpoint, with the same options "
+                        "(steps.jsonl keeps the steps up to the checkpoint's)")
     p.add_argument("--output-dir", default="runs/trl_grpo")
     return p
 
@@ -404,7 +510,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.start_with_tool_call and not args.tool_template:
         ap.error("--start-with-tool-call needs --tool-template (it is a feature of the project's template)")
     if args.plot:
-        steps = [json.loads(line) for line in (args.plot / "steps.jsonl").read_text().splitlines() if line.strip()]
+        steps = read_steps(args.plot / "steps.jsonl")
         plot_steps(steps, args.plot / "curve.png")
         print(json.dumps(reward_trend(steps)))
     elif args.dry_run:

@@ -17,7 +17,7 @@ from agents.presets import PRESETS, env_kwargs, make_env_fn, task_seeds
 from agents.trl_adapter import DEFAULT_PROMPT, MemoryToolEnv
 from agents.trl_sft import (
     FINAL_REPLY, arguments_text, build_sft_dataset, check_round_trip, operation_calls, require_trl, teacher_conversation,
-    tool_schemas,
+    teacher_return, tool_schemas,
 )
 from agents.trl_template import apply_tool_template
 from tests.test_trl_template import chatml_tokenizer
@@ -59,6 +59,18 @@ def test_teacher_chat_is_the_one_trl_would_build():
             assert str(getattr(replay, fn["name"])(**fn["arguments"])) == answer["content"]
     assert replay.get_reward() == pytest.approx(ret)
     assert env.history[-1]["tool_errors"] == 0 and env.history[-1]["finished_by_model"]
+
+
+def test_teacher_return_is_the_mean_over_its_draws_and_tracks_how_hard_a_conversation_is():
+    env = MemoryToolEnv(**kwargs(horizon=2, split="train"))
+    draws = [teacher_conversation(MemoryToolEnv(**kwargs(horizon=2, split="train")), NoisyTeacher(noise=0.3, seed=5 + j),
+                                  {"task": 1})[1] for j in range(3)]
+    assert teacher_return(env, {"task": 1}, draws=3, seed=5) == pytest.approx(sum(draws) / 3)
+    assert teacher_return(env, {"task": 1}, draws=3, seed=5) == teacher_return(env, {"task": 1}, draws=3, seed=5)
+    returns = {teacher_return(env, {"task": t}) for t in range(6)}
+    assert len(returns) > 1  # conversations differ in how much a good policy scores
+    with pytest.raises(ValueError, match="draws must be >= 1"):
+        teacher_return(env, {"task": 1}, draws=0)
 
 
 def test_operation_calls_map_every_operation_and_refuse_unknown_ones():
@@ -217,7 +229,14 @@ def test_grpo_example_plots_a_run_and_measures_its_trend(tmp_path, load_script, 
     assert trend["first_half_reward"] == pytest.approx(0.25) and trend["second_half_reward"] == pytest.approx(0.65)
     assert trend["steps_with_reward_std"] == 7
     flat = grpo.reward_trend([dict(s, reward=0.3) for s in steps])
-    assert flat["slope_per_step"] == pytest.approx(0.0, abs=1e-12)
+    assert flat["slope_per_step"] == pytest.approx(0.0, abs=1e-12) and "vs_teacher" not in flat
+    # steps that carry the teacher's return on their conversations: the trend relative to it too, and a 4th panel
+    relative = [dict(s, teacher_rewards=[0.08 * s["step"]] * 2, reward_vs_teacher=0.02 * s["step"]) for s in steps]
+    (tmp_path / "steps.jsonl").write_text("".join(json.dumps(s) + "\n" for s in relative))
+    grpo.main(["--plot", str(tmp_path)])
+    trend = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert trend["slope_per_step"] == pytest.approx(0.1) and trend["vs_teacher"]["slope_per_step"] == pytest.approx(0.02)
+    assert trend["vs_teacher"]["first_half_reward"] == pytest.approx(0.05)
 
 
 def test_grpo_example_plays_a_presets_training_conversations(load_script):
@@ -268,7 +287,7 @@ def test_trl_sft_warm_start_then_grpo_gets_rewards_that_vary(tmp_path, load_scri
         trainer.train()
     finally:
         torch.set_num_threads(threads)
-    steps = grpo.summarize(trainer, envs, 0.0)["steps"]
+    steps = grpo.summarize(trainer, 0.0)["steps"]
     assert [s["step"] for s in steps] == [1, 2]
     assert sum(s["replies_with_tool_call"] for s in steps) / 2 > 0.5, steps  # the warm start writes calls
     assert sum(sum(s["tool_calls"].values()) for s in steps) > 0 and sum(s["env_operations"]["adds"] for s in steps) > 0

@@ -306,6 +306,36 @@ def test_example_without_tool_template_gives_trls_error_and_our_hint(tmp_path):
     assert next(trainer.model.parameters()).device.type == ("cpu" if trainer.args.use_cpu else "cuda")
 
 
+def test_example_run_resumes_from_its_checkpoint_and_logs_the_teacher_on_each_steps_conversations(tmp_path):
+    """A run killed after its first checkpoint continues with ``--resume``: the model, optimizer and
+    data position come from the checkpoint, steps.jsonl keeps the steps before it, and the summary
+    counts the episodes of the whole run. Each step's record names the conversations it played and
+    the noisy teacher's return on each of them."""
+    pytest.importorskip("trl")
+    from agents.trl_sft import teacher_return
+
+    example = load_example()
+    model, out = tiny_model_dir(tmp_path / "tiny"), tmp_path / "run"
+    with pytest.raises(SystemExit, match="no checkpoint-N directory"):
+        example.train(example_args(model, out, "--tool-template", "--resume"))
+    first = example.train(example_args(model, out, "--tool-template", "--save-steps", "1", "--rows", "3"))
+    assert (out / "checkpoint-1").is_dir() and [s["step"] for s in first["steps"]] == [1]
+    (out / "steps.jsonl").write_text((out / "steps.jsonl").read_text() + '{"step": 2, "elapsed_s": 1.0}\n')  # a step lost with the kill
+    resumed = example.train(example_args(model, out, "--tool-template", "--save-steps", "1", "--rows", "3",
+                                         "--max-steps", "2", "--resume"))
+    steps = example.read_steps(out / "steps.jsonl")
+    assert [s["step"] for s in steps] == [1, 2] and steps[0] == first["steps"][0]
+    assert resumed["episodes"] == 2 * 2 == sum(s["episodes"] for s in steps)  # 2 steps x 2 rollouts
+    assert (out / "checkpoint-2").is_dir() and not (out / "checkpoint-1").exists()  # the latest is kept
+    env = MemoryToolEnv(horizon=H)
+    for s in steps:
+        assert len(s["episode_rows"]) == len(s["teacher_rewards"]) == s["episodes"]
+        assert len({json.dumps(r) for r in s["episode_rows"]}) == 1  # one group: one conversation
+        assert s["teacher_rewards"][0] == pytest.approx(teacher_return(env, s["episode_rows"][0]))
+        assert s["reward_vs_teacher"] == pytest.approx(
+            sum(s["episode_rewards"]) / s["episodes"] - sum(s["teacher_rewards"]) / s["episodes"])
+
+
 # ---------------------------------------------------------------------------------------------
 # Slow: 2 real GRPO steps on SmolLM2-135M-Instruct, on a CPU
 # ---------------------------------------------------------------------------------------------
@@ -341,7 +371,7 @@ def test_trl_grpo_trains_smollm2_through_the_tools(tmp_path, trl_smollm2):
         trainer.train()
     finally:
         torch.set_num_threads(threads)
-    summary = example.summarize(trainer, envs, 0.0)
+    summary = example.summarize(trainer, 0.0)
     steps = summary["steps"]
     assert [s["step"] for s in steps] == [1, 2]
     assert [json.loads(line)["step"] for line in (tmp_path / "run" / "steps.jsonl").read_text().splitlines()] == [1, 2]
