@@ -641,6 +641,25 @@ def test_bad_input_fails_before_any_run(tmp_path):
     assert not out.exists()
     done = _memr2(spec, "--out", out, "--local", "--ray-address", "127.0.0.1:9")
     assert done.returncode != 0 and "--local runs without Ray" in done.stderr and not out.exists()
+    # vLLM allows one engine per process, and --local runs every run in this one
+    spec.write_text('[settings]\nbackend = "vllm"\n[axes]\nalgo = ["grpo", "logo-grpo"]\n')
+    done = _memr2(spec, "--out", out, "--local")
+    assert done.returncode != 0 and "2 runs would sample with vLLM (algo-grpo, algo-logo-grpo)" in done.stderr
+    assert not out.exists()
+
+
+def test_local_backend_check_counts_only_the_runs_left_and_auto_only_with_vllm(monkeypatch):
+    import importlib.util
+
+    spec = parse_spec(_spec(settings={"backend": "auto"}, axes={"seed": [0, 1]}))
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "vllm" else real(name, *a))
+    sweep.check_local_backends(spec, {})  # auto without vLLM: the HF backend, any number of runs
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "vllm" else real(name, *a))
+    with pytest.raises(SpecError, match="2 runs would sample with vLLM"):
+        sweep.check_local_backends(spec, {})
+    sweep.check_local_backends(spec, {spec.runs[0].name: {}})  # one left: one engine
+    sweep.check_local_backends(parse_spec(_spec(axes={"seed": [0, 1]})), {})  # hf, the default
 
 
 def _one_run_spec(tmp_path):

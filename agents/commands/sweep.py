@@ -652,6 +652,22 @@ def _jsonable(obj):
     return json.loads(json.dumps(obj))
 
 
+def check_local_backends(spec: SweepSpec, done: dict[str, dict]) -> None:
+    """Raise :class:`SpecError` if ``--local`` would build more than one vLLM engine in this process
+    (runs left to do whose ``backend`` is ``vllm``, or ``auto`` with vLLM installed): vLLM keeps one
+    engine per process (docs/training.md), and each run builds its own. Under Ray each run gets a
+    worker process of its own."""
+    import importlib.util
+
+    have_vllm = importlib.util.find_spec("vllm") is not None
+    engines = [r.name for r in spec.runs if r.name not in done
+               and (r.settings.get("backend", "hf") == "vllm" or (r.settings.get("backend") == "auto" and have_vllm))]
+    if len(engines) > 1:
+        raise SpecError(f"{spec.path}: --local runs every run in this process, and vLLM allows one engine per process; "
+                        f"{len(engines)} runs would sample with vLLM ({', '.join(engines[:3])}{', ...' if len(engines) > 3 else ''}). "
+                        "Run them as Ray tasks (drop --local) or with backend = \"hf\"")
+
+
 def run_sweep(spec: SweepSpec, out: str | Path, *, local: bool = False, ray=None, log: Callable[[str], Any] = print) -> dict[str, dict]:
     """Run every unfinished run of ``spec`` into ``out`` and write the report (again after every
     finished run, so that a sweep stopped early leaves the table of what finished).
@@ -705,7 +721,8 @@ def run_sweep(spec: SweepSpec, out: str | Path, *, local: bool = False, ray=None
     else:
         options = {"num_cpus": spec.cpus, "num_gpus": spec.gpus, "max_retries": 0}
         warm_task = ray.remote(**options)(execute_warm_start)
-        run_task = ray.remote(**options)(execute_run)
+        # a fresh worker process per run: a vLLM engine is one per process, and a run's memory goes with it
+        run_task = ray.remote(**options, max_calls=1)(execute_run)
         warm_refs: dict[str, Any] = {}
         pending: dict[Any, tuple[str, Any]] = {}
         for r in todo:
@@ -1165,6 +1182,11 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit(f"memr2 sweep: {err}") from err
     if args.local and args.ray_address:
         raise SystemExit("memr2 sweep: --local runs without Ray; drop --ray-address or --local")
+    if args.local and not args.dry_run and not args.report:
+        try:
+            check_local_backends(spec, done)
+        except SpecError as err:
+            raise SystemExit(f"memr2 sweep: {err}") from err
     if args.dry_run:
         for r in spec.runs:
             print(f"{'done' if r.name in done else 'todo'}  {r.name}  {_describe(r.settings)}")
