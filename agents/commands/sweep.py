@@ -503,7 +503,7 @@ def execute_run(preset: TrainPreset, job: dict[str, Any], out: str, warm: bytes 
                     _write_atomic(saved, json.dumps({"f1": start_f1}).encode())
             res = train(preset, out=out_dir, algo=job["algo"], model_path=model_path, seed=job["seed"], device=job["device"],
                         progress=False, preset_name=preset_name, resume=resumed_from is not None,
-                        backend=job.get("backend", "hf"))
+                        backend=job["backend"])
         finally:
             _set_threads(before)
         summary = summarize_training(read_metrics(out_dir / "metrics.jsonl"))
