@@ -234,25 +234,16 @@ _OPS = ("adds", "updates", "deletes", "invalid_ops")
 
 def episode_totals(episodes: list[dict]) -> dict:
     """Tool calls, tool errors and env operations summed over episode summaries (``MemoryToolEnv.history``)."""
-    calls: Counter = Counter()
-    ops: Counter = Counter({k: 0 for k in _OPS})
-    for h in episodes:
-        calls.update(h["tool_calls"])
-        ops.update({k: h["stats"].get(k, 0) for k in _OPS})
-    return {
-        "episodes": len(episodes),
-        "tool_calls": dict(sorted(calls.items())),
-        "tool_errors": sum(h["tool_errors"] for h in episodes),
-        "env_operations": dict(ops),
-        "finished_by_model": sum(h["finished_by_model"] for h in episodes),
-        "episode_rewards": [h["reward"] for h in episodes],
-        "episode_rows": [h["row"] for h in episodes],
-    }
+    per_episode = [{"episodes": 1, "tool_calls": h["tool_calls"], "tool_errors": h["tool_errors"],
+                    "env_operations": {k: h["stats"].get(k, 0) for k in _OPS}, "finished_by_model": h["finished_by_model"]}
+                   for h in episodes]
+    return {**combine_totals(per_episode), "episode_rewards": [h["reward"] for h in episodes],
+            "episode_rows": [h["row"] for h in episodes]}
 
 
 def combine_totals(records: list[dict]) -> dict:
-    """:func:`episode_totals` of a whole run from its per-step records (which survive a resume,
-    where the envs' histories do not)."""
+    """The totals of :func:`episode_totals` over per-step records (or per-episode ones): a whole
+    run's from its steps, which survive a resume where the envs' histories do not."""
     calls: Counter = Counter()
     ops: Counter = Counter({k: 0 for k in _OPS})
     for r in records:
