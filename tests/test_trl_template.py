@@ -309,8 +309,8 @@ def test_example_without_tool_template_gives_trls_error_and_our_hint(tmp_path):
 def test_example_run_resumes_from_its_checkpoint_and_logs_the_teacher_on_each_steps_conversations(tmp_path):
     """A run killed after its first checkpoint continues with ``--resume``: the model, optimizer and
     data position come from the checkpoint, steps.jsonl keeps the steps before it, and the summary
-    counts the episodes of the whole run; its steps are those of a run that was never killed. Each step's record names the conversations it played and
-    the noisy teacher's return on each of them."""
+    counts the episodes of the whole run; its steps are those of a run that was never killed. Each
+    step's record names the conversations it played and the noisy teacher's return on each of them."""
     pytest.importorskip("trl")
     from agents.trl_sft import teacher_return
 
@@ -331,9 +331,10 @@ def test_example_run_resumes_from_its_checkpoint_and_logs_the_teacher_on_each_st
     # killed plays at step 2 (not step 1's again), and logs the same record.
     whole = example.train(example_args(model, tmp_path / "whole", "--tool-template", "--save-steps", "1",
                                        "--rows", "3", "--max-steps", "2"))["steps"]
-    timing = {"elapsed_s"}
-    assert [{k: v for k, v in s.items() if k not in timing} for s in whole] == \
-        [{k: v for k, v in s.items() if k not in timing} for s in steps]
+    def untimed(records):
+        return [{k: v for k, v in r.items() if k != "elapsed_s"} for r in records]
+
+    assert untimed(whole) == untimed(steps)
     env = MemoryToolEnv(horizon=H)
     for s in steps:
         assert len(s["episode_rows"]) == len(s["teacher_rewards"]) == s["episodes"]
