@@ -333,6 +333,12 @@ def test_main_effects_pair_each_axis_over_the_others_and_resample_conversations(
     # One axis besides the seed: the per-configuration pairs already are the main effect.
     one_axis = parse_spec(_spec(axes={"algo": ["logo-grpo", "grpo"], "seed": [0, 1]}))
     assert sweep.main_effects(one_axis, {}) == []
+    # An [[exclude]] that leaves a pair of values under one setting of the other axis only: that
+    # pair is already a configuration pair, so no row claims to pool over the other axis.
+    excluded = parse_spec(_spec(axes={"curriculum": [True, False], "algo": ["logo-grpo", "grpo"], "seed": [0, 1]},
+                                exclude=[{"algo": "grpo", "curriculum": False}]))
+    assert len(excluded.runs) == 6
+    assert sweep.main_effects(excluded, results) == []
 
 
 def _held_out_report(path: Path, *, seed: int, f1s, horizon: int = 3, preset: str = "smoke", agent: str = "warm") -> Path:

@@ -852,17 +852,24 @@ def main_effects(spec: SweepSpec, results: dict[str, dict]) -> list[dict]:
     settings averages out here.
 
     Rows as :func:`paired_differences`' (``conversations`` counts seed-conversation units), with
-    ``a`` labelled ``"axis=value (over other, axes)"`` and ``b`` ``"axis=value"``.
+    ``a`` labelled ``"axis=value (over other, axes)"`` and ``b`` ``"axis=value"``. A pair of
+    values that the spec has side by side under one setting of the other axes only (an
+    ``[[exclude]]`` removed the rest) gets no row: it would repeat that configuration pair under
+    a label that claims pooling.
     """
     axes = spec.config_axes
     if len(axes) < 2:
         return []
     per_run = _test_f1_per_task(spec, results)
+    configs = {r.config for r in spec.runs}
     rows = []
     for i, axis in enumerate(axes):
         values = list(dict.fromkeys(dict(r.config)[axis] for r in spec.runs))
         others = ", ".join(a for a in axes if a != axis)
         for va, vb in itertools.combinations(values, 2):
+            shared = {c[:i] + c[i + 1:] for c in configs if c[i][1] == va and c[:i] + ((axis, vb),) + c[i + 1:] in configs}
+            if len(shared) < 2:
+                continue
             per_conversation: dict[tuple[int, int], list[float]] = {}
             for (seed, config), fa in per_run.items():
                 if config[i][1] != va:
