@@ -231,6 +231,9 @@ def test_the_default_cpu_kv_cache_holds_16_full_requests_of_the_model(model_dir,
     (tmp_path / "smollm2" / "config.json").write_text(json.dumps(config))
     assert cpu_kv_cache_gib(tmp_path / "smollm2", "bfloat16", 4096) == 2
     assert cpu_kv_cache_gib(tmp_path / "smollm2", "auto", 4096) == 2  # the checkpoint's dtype
+    (tmp_path / "smollm2" / "config.json").write_text(json.dumps(config | {"dtype": "float32"}))
+    assert cpu_kv_cache_gib(tmp_path / "smollm2", "auto", 4096) == 3  # transformers 5's "dtype" key is read
+    (tmp_path / "smollm2" / "config.json").write_text(json.dumps(config))
     assert cpu_kv_cache_gib(tmp_path / "smollm2", "float32", 4096) == 3
     assert cpu_kv_cache_gib(tmp_path / "smollm2", "bfloat16", 4096, requests=64) == 6
     assert cpu_kv_cache_gib(model_dir, "float32", 1024) == 1  # never below 1 GiB
