@@ -53,7 +53,7 @@ import os
 import re
 import sys
 import time
-from collections import Counter
+from collections import Counter, defaultdict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a source checkout
@@ -333,7 +333,11 @@ def reward_trend(steps: list[dict], key: str = "reward") -> dict:
     bootstrap CI over steps, and its mean over the first and the second half of the run. With
     ``key="reward"`` and steps that carry ``reward_vs_teacher``, also the same for that
     (``"vs_teacher"``): the reward minus the noisy teacher's on the same conversations, which takes
-    out how hard each step's conversation happened to be."""
+    out how hard each step's conversation happened to be; and, where steps carry ``episode_rows``
+    and a conversation was played at more than one step (``--rows`` smaller than the steps),
+    ``"revisits"``: per such conversation, its mean return at its last step minus its first, the
+    mean of that over the conversations and a 95% bootstrap CI over them (the same conversation
+    before and after the updates between, so how hard it is cancels out)."""
     import numpy as np
 
     x = np.array([s["step"] for s in steps], float)
@@ -353,7 +357,34 @@ def reward_trend(steps: list[dict], key: str = "reward") -> dict:
              "steps_with_reward_std": int(sum(s.get("reward_std", 0) > 0 for s in steps))}
     if key == "reward" and all("reward_vs_teacher" in s for s in steps):
         trend["vs_teacher"] = {k: v for k, v in reward_trend(steps, "reward_vs_teacher").items() if k != "steps_with_reward_std"}
+    if key == "reward" and (revisits := revisit_gains(steps)):
+        trend["revisits"] = revisits
     return trend
+
+
+def revisit_gains(steps: list[dict]) -> dict:
+    """For each conversation (``episode_rows``) played at two or more steps: its mean return at
+    the last of them minus at the first. The mean gain over those conversations with a 95%
+    percentile-bootstrap CI over them, and the per-conversation gains; empty if no conversation
+    was played twice."""
+    import numpy as np
+
+    visits: dict[int, list[tuple[int, float]]] = defaultdict(list)
+    for s in steps:
+        per_row: dict[int, list[float]] = defaultdict(list)
+        for row, reward in zip(s.get("episode_rows", []), s.get("episode_rewards", [])):
+            per_row[row].append(reward)
+        for row, rewards in per_row.items():
+            visits[row].append((s["step"], float(np.mean(rewards))))
+    gains = {row: v[-1][1] - v[0][1] for row, v in sorted(visits.items()) if len(v) > 1}
+    if not gains:
+        return {}
+    g = np.array(list(gains.values()))
+    rng = np.random.default_rng(0)
+    means = g[rng.integers(len(g), size=(2000, len(g)))].mean(axis=1)
+    return {"conversations": len(g), "mean_gain": float(g.mean()),
+            "gain_ci95": [float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))],
+            "gain_per_conversation": {str(row): round(x, 4) for row, x in gains.items()}}
 
 
 def plot_steps(steps: list[dict], path: Path) -> None:
