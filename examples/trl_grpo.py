@@ -363,17 +363,17 @@ def reward_trend(steps: list[dict], key: str = "reward") -> dict:
 
 
 def revisit_gains(steps: list[dict]) -> dict:
-    """For each conversation (``episode_rows``) played at two or more steps: its mean return at
-    the last of them minus at the first. The mean gain over those conversations with a 95%
-    percentile-bootstrap CI over them, and the per-conversation gains; empty if no conversation
-    was played twice."""
+    """For each conversation (a row of ``episode_rows``, such as ``{"task": 3}``) played at two or
+    more steps: its mean return at the last of them minus at the first. The mean gain over those
+    conversations with a 95% percentile-bootstrap CI over them, and the per-conversation gains;
+    empty if no conversation was played twice."""
     import numpy as np
 
-    visits: dict[int, list[tuple[int, float]]] = defaultdict(list)
+    visits: dict[str, list[tuple[int, float]]] = defaultdict(list)
     for s in steps:
-        per_row: dict[int, list[float]] = defaultdict(list)
+        per_row: dict[str, list[float]] = defaultdict(list)
         for row, reward in zip(s.get("episode_rows", []), s.get("episode_rewards", [])):
-            per_row[row].append(reward)
+            per_row[json.dumps(row, sort_keys=True)].append(reward)  # a row is a dict: {"task": 3}
         for row, rewards in per_row.items():
             visits[row].append((s["step"], float(np.mean(rewards))))
     gains = {row: v[-1][1] - v[0][1] for row, v in sorted(visits.items()) if len(v) > 1}
@@ -384,7 +384,7 @@ def revisit_gains(steps: list[dict]) -> dict:
     means = g[rng.integers(len(g), size=(2000, len(g)))].mean(axis=1)
     return {"conversations": len(g), "mean_gain": float(g.mean()),
             "gain_ci95": [float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))],
-            "gain_per_conversation": {str(row): round(x, 4) for row, x in gains.items()}}
+            "gain_per_conversation": {row: round(x, 4) for row, x in gains.items()}}
 
 
 def plot_steps(steps: list[dict], path: Path) -> None:

@@ -239,16 +239,16 @@ def test_grpo_example_plots_a_run_and_measures_its_trend(tmp_path, load_script, 
     assert trend["vs_teacher"]["first_half_reward"] == pytest.approx(0.05)
     assert "revisits" not in trend  # these steps name no conversations
     # Four conversations played twice each (steps 1-4, then 5-8): each one's last visit minus its first.
-    rows = [dict(s, episode_rows=[(s["step"] - 1) % 4] * 2) for s in steps]
+    rows = [dict(s, episode_rows=[{"task": (s["step"] - 1) % 4}] * 2) for s in steps]
     revisits = grpo.reward_trend(rows)["revisits"]
     assert revisits["conversations"] == 4 and revisits["mean_gain"] == pytest.approx(0.4)
-    assert revisits["gain_per_conversation"] == {str(r): pytest.approx(0.4) for r in range(4)}
+    assert revisits["gain_per_conversation"] == {f'{{"task": {r}}}': pytest.approx(0.4) for r in range(4)}
     assert revisits["gain_ci95"] == pytest.approx([0.4, 0.4])
     # a conversation played once has no gain; one whose second visit is worse counts against
-    rows[7] = dict(rows[7], episode_rewards=[0.0, 0.2], episode_rows=[3, 3])
-    rows[6] = dict(rows[6], episode_rows=[9, 9])
+    rows[7] = dict(rows[7], episode_rewards=[0.0, 0.2])
+    rows[6] = dict(rows[6], episode_rows=[{"task": 9}] * 2)
     revisits = grpo.reward_trend(rows)["revisits"]
-    assert revisits["conversations"] == 3 and revisits["gain_per_conversation"]["3"] == pytest.approx(0.1 - 0.4)
+    assert revisits["conversations"] == 3 and revisits["gain_per_conversation"]['{"task": 3}'] == pytest.approx(0.1 - 0.4)
     assert revisits["mean_gain"] == pytest.approx((0.4 + 0.4 - 0.3) / 3)
     assert revisits["gain_ci95"][0] < revisits["mean_gain"] < revisits["gain_ci95"][1]
 
