@@ -381,11 +381,10 @@ def revisit_gains(steps: list[dict]) -> dict:
     gains = {row: v[-1][1] - v[0][1] for row, v in sorted(visits.items()) if len(v) > 1}
     if not gains:
         return {}
-    g = np.array(list(gains.values()))
-    rng = np.random.default_rng(0)
-    means = g[rng.integers(len(g), size=(2000, len(g)))].mean(axis=1)
-    return {"conversations": len(g), "mean_gain": float(g.mean()),
-            "gain_ci95": [float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))],
+    from agents.commands.sweep import bootstrap_ci  # the interval of every held-out and sweep table
+
+    g = list(gains.values())
+    return {"conversations": len(g), "mean_gain": float(np.mean(g)), "gain_ci95": list(bootstrap_ci(g)),
             "gain_per_conversation": {row: round(x, 4) for row, x in gains.items()}}
 
 
