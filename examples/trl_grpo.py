@@ -339,7 +339,8 @@ def reward_trend(steps: list[dict], key: str = "reward") -> dict:
     and a conversation was played at more than one step (``--rows`` smaller than the steps),
     ``"revisits"``: per such conversation, its mean return at its last step minus its first, the
     mean of that over the conversations and a 95% bootstrap CI over them (the same conversation
-    before and after the updates between, so how hard it is cancels out)."""
+    before and after the updates between, so how hard it is cancels out), and the slope within
+    conversations over all their visits (``revisit_gains``)."""
     import numpy as np
 
     x = np.array([s["step"] for s in steps], float)
@@ -367,8 +368,11 @@ def reward_trend(steps: list[dict], key: str = "reward") -> dict:
 def revisit_gains(steps: list[dict]) -> dict:
     """For each conversation (a row of ``episode_rows``, such as ``{"task": 3}``) played at two or
     more steps: its mean return at the last of them minus at the first. The mean gain over those
-    conversations with a 95% percentile-bootstrap CI over them, and the per-conversation gains;
-    empty if no conversation was played twice."""
+    conversations with a 95% percentile-bootstrap CI over them, and the per-conversation gains.
+    Also the within-conversation slope: each such conversation's least-squares slope of its mean
+    return against the step, over all its visits, averaged over the conversations with a bootstrap
+    CI over them (the same as the gain per step between visits for two visits; with more, it uses
+    the visits between too). Empty if no conversation was played twice."""
     import numpy as np
 
     visits: dict[str, list[tuple[int, float]]] = defaultdict(list)
@@ -378,14 +382,18 @@ def revisit_gains(steps: list[dict]) -> dict:
             per_row[json.dumps(row, sort_keys=True)].append(reward)  # a row is a dict: {"task": 3}
         for row, rewards in per_row.items():
             visits[row].append((s["step"], float(np.mean(rewards))))
-    gains = {row: v[-1][1] - v[0][1] for row, v in sorted(visits.items()) if len(v) > 1}
-    if not gains:
+    revisited = {row: v for row, v in sorted(visits.items()) if len(v) > 1}
+    if not revisited:
         return {}
     from agents.commands.sweep import bootstrap_ci  # the interval of every held-out and sweep table
 
+    gains = {row: v[-1][1] - v[0][1] for row, v in revisited.items()}
+    slopes = [float(np.polyfit(*np.array(v, float).T, 1)[0]) for v in revisited.values()]
     g = list(gains.values())
-    return {"conversations": len(g), "mean_gain": float(np.mean(g)), "gain_ci95": list(bootstrap_ci(g)),
-            "gain_per_conversation": {row: round(x, 4) for row, x in gains.items()}}
+    return {"conversations": len(g), "visits": sum(len(v) for v in revisited.values()),
+            "mean_gain": float(np.mean(g)), "gain_ci95": list(bootstrap_ci(g)),
+            "gain_per_conversation": {row: round(x, 4) for row, x in gains.items()},
+            "within_slope_per_step": float(np.mean(slopes)), "within_slope_ci95": list(bootstrap_ci(slopes))}
 
 
 def plot_steps(steps: list[dict], path: Path) -> None:

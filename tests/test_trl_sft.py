@@ -244,6 +244,7 @@ def test_grpo_example_plots_a_run_and_measures_its_trend(tmp_path, load_script, 
     assert revisits["conversations"] == 4 and revisits["mean_gain"] == pytest.approx(0.4)
     assert revisits["gain_per_conversation"] == {f'{{"task": {r}}}': pytest.approx(0.4) for r in range(4)}
     assert revisits["gain_ci95"] == pytest.approx([0.4, 0.4])
+    assert revisits["visits"] == 8 and revisits["within_slope_per_step"] == pytest.approx(0.1)  # 0.4 over 4 steps
     # a conversation played once has no gain; one whose second visit is worse counts against
     rows[7] = dict(rows[7], episode_rewards=[0.0, 0.2])
     rows[6] = dict(rows[6], episode_rows=[{"task": 9}] * 2)
@@ -251,6 +252,16 @@ def test_grpo_example_plots_a_run_and_measures_its_trend(tmp_path, load_script, 
     assert revisits["conversations"] == 3 and revisits["gain_per_conversation"]['{"task": 3}'] == pytest.approx(0.1 - 0.4)
     assert revisits["mean_gain"] == pytest.approx((0.4 + 0.4 - 0.3) / 3)
     assert revisits["gain_ci95"][0] < revisits["mean_gain"] < revisits["gain_ci95"][1]
+    assert revisits["within_slope_per_step"] == pytest.approx((0.1 + 0.1 - 0.3 / 4) / 3)
+    # Three visits: the slope uses the one between, which the last-minus-first gain ignores.
+    three = [{"step": i, "reward": 0.0, "episode_rows": [{"task": 0}], "episode_rewards": [r]}
+             for i, r in [(1, 0.2), (2, 0.8), (3, 0.2)]]
+    three += [{"step": i, "reward": 0.0, "episode_rows": [{"task": 1}], "episode_rewards": [r]}
+              for i, r in [(4, 0.0), (5, 0.3), (6, 0.6)]]
+    revisits = grpo.revisit_gains(three)
+    assert revisits["visits"] == 6 and revisits["gain_per_conversation"]['{"task": 0}'] == pytest.approx(0.0)
+    assert revisits["within_slope_per_step"] == pytest.approx((0.0 + 0.3) / 2)
+    assert grpo.revisit_gains(three[:1]) == {}
 
 
 def test_grpo_example_plays_a_presets_training_conversations(load_script):
