@@ -7,13 +7,15 @@ that preset's training conversations), so the ``num_generations`` rollouts of a 
 same conversation, as GRPO needs.
 
     # SmolLM2-135M-Instruct on a CPU, the route that learns: a warm start on the noisy teacher's
-    # tool calls with TRL's SFTTrainer (examples/trl_sft.py, about 50 minutes with bfloat16), then
-    # GRPO on 6 of the small preset's conversations, each played twice (about 4 min a step here:
-    # 12 steps take 45 min; docs/third_party.md has the run's curve and held-out table)
-    python examples/trl_sft.py --model "$(memr2 models path smollm2-135m-instruct)" --output-dir runs/trl_sft
+    # tool calls with TRL's SFTTrainer (examples/trl_sft.py; --episodes 128, the warm start of the
+    # documented run, about 54 minutes with bfloat16), then GRPO on 6 of the small preset's
+    # conversations, each played 4 times (about 3.5 min a step here: 24 steps take 84 min;
+    # docs/third_party.md has the run's curve, trend and held-out table)
+    python examples/trl_sft.py --model "$(memr2 models path smollm2-135m-instruct)" --episodes 128 \
+        --output-dir runs/trl_sft
     # (--save-steps 1: a checkpoint after every step; after a kill, the same command with --resume goes on)
     python examples/trl_grpo.py --model runs/trl_sft --preset small --horizon 2 --rows 6 \
-        --num-generations 4 --micro-batch 1 --max-steps 12 --max-completion-length 2048 --max-tool-calls 16 \
+        --num-generations 4 --micro-batch 1 --max-steps 24 --max-completion-length 2048 --max-tool-calls 16 \
         --temperature 0.7 --learning-rate 2e-5 --seed 0 --output-dir runs/trl_grpo --save-steps 1
 
     # SmolLM2 without a warm start: its own chat template has no tool calling, so use the
@@ -38,7 +40,8 @@ with a parsed tool call, tool calls and errors, env operations) and appends it t
 return on it (a step plays one conversation, and which one moves the step's reward more than a few
 updates do; the reward minus the teacher's takes that out). At the end the totals and the reward's
 trend (least-squares slope per step with a bootstrap CI, raw and relative to the teacher, and
-with ``--rows`` below the steps each conversation's last visit minus its first) go to
+with ``--rows`` below the steps each conversation's last visit minus its first and its slope
+over all its visits) go to
 ``OUTPUT_DIR/summary.json`` and the curves to ``OUTPUT_DIR/curve.png`` (``--plot OUTPUT_DIR``
 redraws them from ``steps.jsonl``). ``--save-steps N`` keeps the latest checkpoint, and
 ``--resume`` continues a killed run from it.
