@@ -151,6 +151,7 @@ def build_trainer(args: argparse.Namespace, *, reward_funcs=(reply_stats,), rows
         max_tool_calling_iterations=args.max_tool_calls,
         max_steps=args.max_steps,
         learning_rate=args.learning_rate,
+        lr_scheduler_type=args.lr_scheduler,
         temperature=args.temperature,
         top_k=args.top_k,
         seed=args.seed,
@@ -521,6 +522,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tool-calls", type=int, default=128, help="tool-calling rounds per rollout")
     p.add_argument("--max-steps", type=int, default=50)
     p.add_argument("--learning-rate", type=float, default=1e-6)
+    p.add_argument("--lr-scheduler", default="linear", choices=("linear", "constant", "cosine"),
+                   help="learning-rate schedule over --max-steps (linear: TRL's default, decays to 0)")
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=0,
                    help="sample from the k most likely tokens only (0: the whole vocabulary, TRL's default; transformers' "

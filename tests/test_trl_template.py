@@ -306,6 +306,19 @@ def test_example_without_tool_template_gives_trls_error_and_our_hint(tmp_path):
     assert next(trainer.model.parameters()).device.type == ("cpu" if trainer.args.use_cpu else "cuda")
 
 
+def test_example_learning_rate_schedule_reaches_the_trainer(tmp_path):
+    """``--lr-scheduler constant`` keeps the rate for the whole run; the default is TRL's linear decay."""
+    pytest.importorskip("trl")
+    example = load_example()
+    model = tiny_model_dir(tmp_path / "tiny")
+    default, _ = example.build_trainer(example_args(model, tmp_path / "a", "--tool-template"))
+    constant, _ = example.build_trainer(example_args(model, tmp_path / "b", "--tool-template", "--lr-scheduler", "constant"))
+    schedule = lambda trainer: getattr(trainer.args.lr_scheduler_type, "value", trainer.args.lr_scheduler_type)  # noqa: E731
+    assert (schedule(default), schedule(constant)) == ("linear", "constant")
+    with pytest.raises(SystemExit):
+        example.parser().parse_args(["--lr-scheduler", "step"])
+
+
 def test_example_run_resumes_from_its_checkpoint_and_logs_the_teacher_on_each_steps_conversations(tmp_path):
     """A run killed after its first checkpoint continues with ``--resume``: the model, optimizer and
     data position come from the checkpoint, steps.jsonl keeps the steps before it, and the summary
