@@ -313,8 +313,14 @@ def test_example_learning_rate_schedule_reaches_the_trainer(tmp_path):
     model = tiny_model_dir(tmp_path / "tiny")
     default, _ = example.build_trainer(example_args(model, tmp_path / "a", "--tool-template"))
     constant, _ = example.build_trainer(example_args(model, tmp_path / "b", "--tool-template", "--lr-scheduler", "constant"))
-    schedule = lambda trainer: getattr(trainer.args.lr_scheduler_type, "value", trainer.args.lr_scheduler_type)  # noqa: E731
-    assert (schedule(default), schedule(constant)) == ("linear", "constant")
+    halfway = []
+    for trainer in (default, constant):
+        trainer.create_optimizer_and_scheduler(num_training_steps=10)
+        for _ in range(5):
+            trainer.optimizer.step()
+            trainer.lr_scheduler.step()
+        halfway.append(trainer.lr_scheduler.get_last_lr()[0] / trainer.args.learning_rate)
+    assert halfway == pytest.approx([0.5, 1.0])
     with pytest.raises(SystemExit):
         example.parser().parse_args(["--lr-scheduler", "step"])
 
