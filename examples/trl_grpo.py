@@ -244,7 +244,9 @@ def episode_totals(episodes: list[dict]) -> dict:
                     "env_operations": {k: h["stats"].get(k, 0) for k in _OPS}, "finished_by_model": h["finished_by_model"]}
                    for h in episodes]
     return {**combine_totals(per_episode), "episode_rewards": [h["reward"] for h in episodes],
-            "episode_rows": [h["row"] for h in episodes]}
+            "episode_rows": [h["row"] for h in episodes],
+            # each episode's own adds, beside its reward: does the group advantage favour writing more?
+            "episode_adds": [h["stats"].get("adds", 0) for h in episodes]}
 
 
 def combine_totals(records: list[dict]) -> dict:

@@ -361,6 +361,7 @@ def test_example_run_resumes_from_its_checkpoint_and_logs_the_teacher_on_each_st
         assert s["teacher_rewards"][0] == pytest.approx(teacher_return(env, s["episode_rows"][0]))
         assert s["reward_vs_teacher"] == pytest.approx(
             sum(s["episode_rewards"]) / s["episodes"] - sum(s["teacher_rewards"]) / s["episodes"])
+        assert len(s["episode_adds"]) == s["episodes"] and sum(s["episode_adds"]) == s["env_operations"]["adds"]
 
 
 # ---------------------------------------------------------------------------------------------
