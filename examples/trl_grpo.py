@@ -538,7 +538,9 @@ def parser() -> argparse.ArgumentParser:
                         "(default 0: none); --resume continues from it")
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --output-dir from its latest checkpoint, with the same options "
-                        "(steps.jsonl keeps the steps up to the checkpoint's)")
+                        "(steps.jsonl keeps the steps up to the checkpoint's). A larger --max-steps extends a finished run: "
+                        "the schedule is rebuilt over the new total, but the first step after the checkpoint runs at the rate "
+                        "the checkpoint ended on (0 at the end of the linear schedule)")
     p.add_argument("--output-dir", default="runs/trl_grpo")
     return p
 
