@@ -14,6 +14,7 @@ same conversation, as GRPO needs.
     python examples/trl_sft.py --model "$(memr2 models path smollm2-135m-instruct)" --episodes 128 \
         --output-dir runs/trl_sft
     # (--save-steps 1: a checkpoint after every step; after a kill, the same command with --resume goes on)
+    # (and --max-steps 48 --resume takes a finished run on to 48 steps, where its reward's rise resolves)
     python examples/trl_grpo.py --model runs/trl_sft --preset small --horizon 2 --rows 6 \
         --num-generations 4 --micro-batch 1 --max-steps 24 --max-completion-length 2048 --max-tool-calls 16 \
         --temperature 0.7 --learning-rate 2e-5 --seed 0 --output-dir runs/trl_grpo --save-steps 1
@@ -36,8 +37,8 @@ The device and precision follow the machine (``--dtype auto``: bfloat16 mixed pr
 with bfloat16 instructions or a GPU that supports it, else float32; weights stay float32; see
 ``agents.trl_template.precision_settings``). Each step prints one line (reward, share of replies
 with a parsed tool call, tool calls and errors, env operations) and appends it to
-``OUTPUT_DIR/steps.jsonl``, with the conversation each rollout played and the noisy teacher's
-return on it (a step plays one conversation, and which one moves the step's reward more than a few
+``OUTPUT_DIR/steps.jsonl``, with the conversation each rollout played, its return and adds, and
+the noisy teacher's return on it (a step plays one conversation, and which one moves the step's reward more than a few
 updates do; the reward minus the teacher's takes that out). At the end the totals and the reward's
 trend (least-squares slope per step with a bootstrap CI, raw and relative to the teacher, and
 with ``--rows`` below the steps each conversation's last visit minus its first and its slope
