@@ -38,8 +38,8 @@ with bfloat16 instructions or a GPU that supports it, else float32; weights stay
 ``agents.trl_template.precision_settings``). Each step prints one line (reward, share of replies
 with a parsed tool call, tool calls and errors, env operations) and appends it to
 ``OUTPUT_DIR/steps.jsonl``, with the conversation each rollout played, its return and adds, and
-the noisy teacher's return on it (a step plays one conversation, and which one moves the step's reward more than a few
-updates do; the reward minus the teacher's takes that out). At the end the totals and the reward's
+the noisy teacher's return on it (a step plays one conversation, and which one moves the step's
+reward more than a few updates do; the reward minus the teacher's takes that out). At the end the totals and the reward's
 trend (least-squares slope per step with a bootstrap CI, raw and relative to the teacher, and
 with ``--rows`` below the steps each conversation's last visit minus its first and its slope
 over all its visits) go to
@@ -247,7 +247,7 @@ def episode_totals(episodes: list[dict]) -> dict:
     return {**combine_totals(per_episode), "episode_rewards": [h["reward"] for h in episodes],
             "episode_rows": [h["row"] for h in episodes],
             # each episode's own adds, beside its reward: does the group advantage favour writing more?
-            "episode_adds": [h["stats"].get("adds", 0) for h in episodes]}
+            "episode_adds": [e["env_operations"]["adds"] for e in per_episode]}
 
 
 def combine_totals(records: list[dict]) -> dict:
